@@ -1,0 +1,9 @@
+"""sae_fast: fused Triton and CUDA kernels for sparse autoencoders and sparse attention,
+as torch operators with autograd. Importing registers the ``sae_fast::`` ops and does
+nothing else: no device queries, no compilation."""
+
+from ._backend import cuda_extension_available
+from .ops import sparse_decode
+
+__version__ = "0.1.0"
+__all__ = ["sparse_decode", "cuda_extension_available", "__version__"]

@@ -1,0 +1,123 @@
+"""``sae-fast`` command line.
+
+    sae-fast check            run every available backend of every op on an embedded
+                              problem, forward and backward, against fp64 dense math
+    sae-fast bench [--quick]  GPU benchmarks (benchmarks/ of a source checkout); without a
+                              GPU says so and runs ``check`` instead
+    sae-fast info             versions, extension and backend availability
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _info() -> int:
+    import torch
+
+    import sae_fast
+
+    print(f"sae_fast {sae_fast.__version__}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton not installed")
+    print(f"CUDA extension sae_fast._C: {'built' if sae_fast.cuda_extension_available() else 'not built'}")
+    print(f"GPU: {torch.cuda.get_device_name() if _has_gpu() else 'none'}")
+    print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}  SAE_FAST_BACKEND={os.environ.get('SAE_FAST_BACKEND', 'auto')}")
+    return 0
+
+
+def _check(args) -> int:
+    """Sparse decode on synthetic TopK codes, every backend, forward and backward."""
+    if not _has_gpu():
+        # Triton kernels run on the CPU through the interpreter; set before they are imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    import sae_fast
+
+    device = "cuda" if _has_gpu() else "cpu"
+    n, k, m, d = (4096, 64, 32768, 768) if device == "cuda" else (48, 16, 512, 160)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    values = (torch.randn(n, k, generator=gen).relu() + 0.1).to(device)
+    indices = torch.randint(0, m, (n, k), generator=gen).to(device)
+    W_dec = (torch.randn(m, d, generator=gen) * 0.05).to(device)
+    bias = torch.randn(d, generator=gen).to(device)
+    grad_out = torch.randn(n, d, generator=gen).to(device)
+
+    def run(backend, dtype):
+        v, w, b = (t.to(dtype, copy=True).requires_grad_() for t in (values, W_dec, bias))
+        start = time.perf_counter()
+        out = sae_fast.sparse_decode(v, indices, w, b, backend=backend)
+        out.backward(grad_out.to(dtype))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return [out.detach(), v.grad, w.grad, b.grad], time.perf_counter() - start
+
+    truth, _ = run("reference", torch.float64)
+    backends = ["reference"]
+    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        backends.append("triton")
+    if device == "cuda" and sae_fast.cuda_extension_available():
+        backends.append("cuda")
+    print(f"sparse_decode check on {device}: N={n} k={k} M={m} d={d}")
+    print(f"{'backend':<10} {'dtype':<9} {'fwd+bwd s':>9}  rel.err out / d_values / d_W_dec / d_bias")
+    failed = False
+    for backend in backends:
+        for dtype in (torch.float32, torch.bfloat16):
+            got, secs = run(backend, dtype)
+            errs = [((g.double() - t).norm() / t.norm()).item() for g, t in zip(got, truth)]
+            limit = 1e-5 if dtype == torch.float32 else 2e-2
+            ok = all(e <= limit for e in errs)
+            failed |= not ok
+            print(f"{backend:<10} {str(dtype)[6:]:<9} {secs:9.3f}  " + " / ".join(f"{e:.1e}" for e in errs) + ("" if ok else "  FAIL"))
+    print("check: " + ("FAILED" if failed else "all backends agree with fp64 dense math"))
+    return 1 if failed else 0
+
+
+def _bench(args) -> int:
+    if not _has_gpu():
+        print("sae-fast bench: timings need a CUDA GPU and none is visible; running `sae-fast check` instead.")
+        return _check(args)
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (bench_dir / "bench_sparse_decode.py").exists():
+        print("sae-fast bench: the benchmarks/ folder of a source checkout is needed (pip install -e .)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(bench_dir))
+    ops = {"sparse_decode": "bench_sparse_decode"}
+    chosen = [args.op] if args.op else list(ops)
+    for op in chosen:
+        if op not in ops:
+            print(f"sae-fast bench: unknown op {op!r}; choose from {sorted(ops)}", file=sys.stderr)
+            return 2
+        module = __import__(ops[op])
+        module.main(["--quick"] if args.quick else [])
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sae-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("check", help="check every backend against fp64 math on an embedded problem")
+    bench = sub.add_parser("bench", help="GPU benchmarks")
+    bench.add_argument("--op", help="one op family (default: all)")
+    bench.add_argument("--quick", action="store_true", help="main shapes only")
+    sub.add_parser("info", help="versions and backend availability")
+    args = parser.parse_args(argv)
+    return {"check": _check, "bench": _bench, "info": lambda a: _info()}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Argument checks shared by the ops: clear errors naming the argument, expected and actual."""
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_tensor(op: str, name: str, t, *, dim: int = None, dtypes=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{op}: {name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: {name} must have dtype in ({names}), got {t.dtype}")
+
+
+def check_same_device(op: str, **tensors):
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def check_same_dtype(op: str, **tensors):
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {first_name} has {first.dtype}; cast one of them")
+
+
+def check_index_range(op: str, name: str, indices: torch.Tensor, upper: int):
+    """IndexError unless every entry is in [0, upper). Synchronises with the device once."""
+    if indices.numel() == 0:
+        return
+    lo, hi = torch.aminmax(indices)
+    lo, hi = int(lo), int(hi)
+    if lo < 0 or hi >= upper:
+        bad = lo if lo < 0 else hi
+        raise IndexError(f"{op}: {name} must lie in [0, {upper}), found {bad}")

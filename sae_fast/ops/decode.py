@@ -1,0 +1,147 @@
+"""``sae_fast::sparse_decode``: x_hat[n] = sum_j values[n, j] * W_dec[indices[n, j]] + bias.
+
+Three custom ops: the forward and its two gradient products, so that each stays opaque
+to torch.compile and every backend serves all three. The decoder-weight gradient is a
+CSR gather-sum over entries sorted (stably) by latent: no atomics, deterministic.
+"""
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from . import _checks
+
+_OP = "sparse_decode"
+
+
+@torch.library.custom_op("sae_fast::sparse_decode", mutates_args=())
+def sparse_decode_op(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    backend: str,
+    check_indices: bool,
+) -> torch.Tensor:
+    if check_indices:
+        _checks.check_index_range(_OP, "indices", indices, W_dec.shape[0])
+    n_rows = values.shape[0]
+    return _backend.kernels(backend).csr_gather_sum(
+        values.contiguous().view(-1), indices.contiguous().view(-1), None, n_rows, W_dec, bias
+    )
+
+
+@sparse_decode_op.register_fake
+def _(values, indices, W_dec, bias, backend, check_indices):
+    return values.new_empty((values.shape[0], W_dec.shape[1]))
+
+
+@torch.library.custom_op("sae_fast::sparse_decode_grad_values", mutates_args=())
+def sparse_decode_grad_values(grad: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, backend: str) -> torch.Tensor:
+    """d(loss)/d(values)[n, j] = <grad[n], W_dec[indices[n, j]]>."""
+    return _backend.kernels(backend).gathered_dot(grad, indices.contiguous(), W_dec)
+
+
+@sparse_decode_grad_values.register_fake
+def _(grad, indices, W_dec, backend):
+    return grad.new_empty(indices.shape)
+
+
+@torch.library.custom_op("sae_fast::sparse_decode_grad_weight", mutates_args=())
+def sparse_decode_grad_weight(
+    grad: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, num_latents: int, backend: str
+) -> torch.Tensor:
+    """d(loss)/d(W_dec)[m] = sum over (n, j) with indices[n, j] == m of values[n, j] * grad[n].
+
+    Rows of latents that no entry selects are zero."""
+    k = indices.shape[1]
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # entries grouped by latent, token order kept
+    counts = torch.bincount(flat, minlength=num_latents)
+    offsets = torch.zeros(num_latents + 1, device=flat.device, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    token_rows = order // max(k, 1)
+    coef = values.reshape(-1)[order]
+    return _backend.kernels(backend).csr_gather_sum(coef, token_rows, offsets, num_latents, grad, None)
+
+
+@sparse_decode_grad_weight.register_fake
+def _(grad, values, indices, num_latents, backend):
+    return grad.new_empty((num_latents, grad.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    values, indices, W_dec, bias, backend, _check = inputs
+    ctx.save_for_backward(values, indices, W_dec)
+    ctx.has_bias = bias is not None
+    ctx.backend = backend
+
+
+def _backward(ctx, grad):
+    values, indices, W_dec = ctx.saved_tensors
+    grad_values = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_values = sparse_decode_grad_values(grad, indices, W_dec, ctx.backend)
+    if ctx.needs_input_grad[2]:
+        grad_weight = sparse_decode_grad_weight(grad, values, indices, W_dec.shape[0], ctx.backend)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad.sum(0, dtype=torch.float32).to(grad.dtype)
+    return grad_values, None, grad_weight, grad_bias, None, None
+
+
+sparse_decode_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sparse_decode(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """Decode sparse codes: ``out[n] = sum_j values[n, j] * W_dec[indices[n, j]] + bias``.
+
+    Args:
+        values: ``[..., k]`` float32 / float16 / bfloat16 (float64 runs on the reference).
+        indices: ``[..., k]`` int32 or int64 latent ids in ``[0, M)``; duplicates add up.
+        W_dec: ``[M, d]`` decoder, same dtype as ``values``, any strides (a transposed
+            ``[d, M]`` storage viewed as ``[M, d]`` works without a copy, at lower speed).
+        bias: ``[d]`` or None, same dtype.
+        backend: ``"cuda"``, ``"triton"``, ``"reference"`` or None for the default (see
+            ``sae_fast._backend``).
+        check_indices: verify the index range first (one device sync); an out-of-range
+            index raises IndexError. Skipping it with False trades safety for speed: an
+            out-of-range index is then undefined behaviour on GPU.
+
+    Returns ``[..., d]`` in the dtype of ``values``, accumulated in fp32. Differentiable
+    with respect to ``values``, ``W_dec`` and ``bias`` (once: no double backward). NaN or
+    Inf in values or weights propagate to the rows that use them.
+    """
+    _checks.check_tensor(_OP, "values", values, dtypes=_checks.FLOAT_DTYPES)
+    _checks.check_tensor(_OP, "indices", indices, dtypes=_checks.INDEX_DTYPES)
+    _checks.check_tensor(_OP, "W_dec", W_dec, dim=2)
+    if values.dim() < 1:
+        raise ValueError(f"{_OP}: values must be [..., k], got a scalar")
+    if indices.shape != values.shape:
+        raise ValueError(f"{_OP}: indices must have the shape of values {tuple(values.shape)}, got {tuple(indices.shape)}")
+    if bias is not None:
+        _checks.check_tensor(_OP, "bias", bias, dim=1)
+        if bias.shape[0] != W_dec.shape[1]:
+            raise ValueError(f"{_OP}: bias must be [{W_dec.shape[1]}] (W_dec is {tuple(W_dec.shape)}), got {tuple(bias.shape)}")
+    _checks.check_same_device(_OP, values=values, indices=indices, W_dec=W_dec, bias=bias)
+    _checks.check_same_dtype(_OP, values=values, W_dec=W_dec, bias=bias)
+    resolved = _backend.resolve_backend(backend, values.device, values.dtype, _OP)
+    lead = values.shape[:-1]
+    rows = lead.numel()
+    out = sparse_decode_op(
+        values.reshape(rows, -1) if rows else values.reshape(0, values.shape[-1]),
+        indices.reshape(rows, -1) if rows else indices.reshape(0, values.shape[-1]),
+        W_dec,
+        bias,
+        resolved,
+        bool(check_indices),
+    )
+    return out.reshape(*lead, W_dec.shape[1])

@@ -1,0 +1,48 @@
+"""Backend/device parametrisation and tolerance rules shared by the op tests.
+
+Tolerances (shared DESIGN): fp32 against an fp64 reference tightly; fp16/bf16 at most twice
+the error that plain torch makes on the same computation in that dtype, both measured
+against the fp64 reference (relative Frobenius error)."""
+
+import os
+
+import pytest
+import torch
+
+FP32_RTOL = 2e-6
+
+
+def backend_params():
+    """(backend, device) pairs: one test body runs them all."""
+    params = [pytest.param("reference", "cpu", id="reference-cpu")]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        params.append(pytest.param("triton", "cpu", id="triton-interp"))
+    params += [
+        pytest.param("reference", "cuda", id="reference-cuda", marks=pytest.mark.gpu),
+        pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
+        pytest.param("cuda", "cuda", id="cuda-cuda", marks=[pytest.mark.gpu, pytest.mark.cuda_ext]),
+    ]
+    return params
+
+
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    x = x.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    assert torch.isfinite(x).all(), "non-finite values in output (unwritten or NaN-poisoned elements?)"
+    denom = ref.norm().item()
+    return (x - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_close(out: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor = None, what: str = "output"):
+    """``plain``: the same computation done by plain torch in ``out``'s dtype (needed for
+    fp16/bf16)."""
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    err = rel_err(out, ref64)
+    if out.dtype in (torch.float32, torch.float64):
+        assert err <= FP32_RTOL, f"{what}: relative error {err:.3e} > {FP32_RTOL:.0e}"
+        return
+    assert plain is not None, "fp16/bf16 comparisons need the plain-torch result"
+    bound = 2 * rel_err(plain, ref64)
+    # An exactly representable result makes plain torch's error 0; allow one rounding then.
+    bound = max(bound, torch.finfo(out.dtype).eps / 2)
+    assert err <= bound, f"{what}: relative error {err:.3e} > 2x plain torch ({bound:.3e})"

@@ -1,0 +1,178 @@
+"""The two sparse products behind sparse decode and the encoders' backward passes.
+
+csr_gather_sum  out[r, :] = sum_{e in row r} coef[e] * src[col[e], :]  (+ bias)
+    rows are CSR segments; with no offsets every row holds k consecutive entries.
+    Decode forward: rows = tokens, col = latents, src = W_dec.
+    Decoder weight gradient: rows = latents (segments of a stable sort by latent),
+    col = tokens, src = grad_output: atomic-free, so deterministic.
+gathered_dot    out[n, j] = <grad[n, :], src[col[n, j], :]>
+    Gradient of decode w.r.t. its values.
+
+Both read src through arbitrary strides (a transposed weight view needs no copy), use
+int64 offsets, and accumulate in fp32.
+"""
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _csr_gather_sum_kernel(
+    coef_ptr, col_ptr, offsets_ptr, src_ptr, bias_ptr, out_ptr,
+    k, d,
+    stride_src_row, stride_src_col, stride_bias, stride_out_row,
+    HAS_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < d
+    if HAS_OFFSETS:
+        start = tl.load(offsets_ptr + row)
+        end = tl.load(offsets_ptr + row + 1)
+    else:
+        start = row * k
+        end = start + k
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # BLOCK_E source rows per step, so that many independent row loads are in flight.
+    for e0 in range(start, end, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        mask_e = offs_e < end
+        cols = tl.load(col_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)
+        coefs = tl.load(coef_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        rows = tl.load(
+            src_ptr + cols[:, None] * stride_src_row + offs_d[None, :] * stride_src_col,
+            mask=mask_e[:, None] & mask_d[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(coefs[:, None] * rows, axis=0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_d * stride_bias, mask=mask_d, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out_row + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _gathered_dot_kernel(
+    grad_ptr, col_ptr, src_ptr, out_ptr,
+    k, d,
+    stride_grad_row, stride_grad_col, stride_col_row,
+    stride_src_row, stride_src_col, stride_out_row,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < k
+    cols = tl.load(col_ptr + n * stride_col_row + offs_k, mask=mask_k, other=0).to(tl.int64)
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < d
+        g = tl.load(grad_ptr + n * stride_grad_row + offs_d * stride_grad_col, mask=mask_d, other=0.0)
+        rows = tl.load(
+            src_ptr + cols[:, None] * stride_src_row + offs_d[None, :] * stride_src_col,
+            mask=mask_k[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+        acc += tl.sum(rows.to(tl.float32) * g.to(tl.float32)[None, :], axis=1)
+    tl.store(out_ptr + n * stride_out_row + offs_k, acc.to(out_ptr.dtype.element_ty), mask=mask_k)
+
+
+def _block_d(d: int, elem_size: int) -> int:
+    # 16-byte vectors across a 128-thread program: 256 half-precision or 128 fp32 columns.
+    cap = 256 if elem_size <= 2 else 128
+    return min(triton.next_power_of_2(max(d, 1)), cap)
+
+
+def _empty(shape, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Output buffer. The interpreter truncates fp32 -> bf16 where GPUs round to nearest even,
+    so under it kernels write fp32 and torch rounds (see ``_finish``). With
+    SAE_FAST_POISON_OUTPUTS=1 (tests) outputs start as NaN so an unwritten element shows."""
+    if dtype == torch.bfloat16 and _interpreted():
+        dtype = torch.float32
+    if os.environ.get("SAE_FAST_POISON_OUTPUTS") == "1":
+        return torch.full(shape, float("nan"), device=like.device, dtype=dtype)
+    return torch.empty(shape, device=like.device, dtype=dtype)
+
+
+def _finish(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else _NullCtx()
+
+
+class _NullCtx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def csr_gather_sum(
+    coef: torch.Tensor,
+    col: torch.Tensor,
+    row_offsets: Optional[torch.Tensor],
+    num_rows: int,
+    src: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """out [num_rows, d] in src's dtype. ``coef``/``col`` are contiguous 1-D; ``row_offsets``
+    is int64 [num_rows + 1] or None for rows of ``coef.numel() // num_rows`` entries."""
+    d = src.shape[1]
+    if num_rows == 0 or d == 0:
+        return src.new_empty((num_rows, d))
+    num_entries = coef.numel()
+    if num_entries == 0:  # k = 0: nothing to gather
+        out = src.new_zeros((num_rows, d))
+        return out.add_(bias) if bias is not None else out
+    out = _empty((num_rows, d), src, src.dtype)
+    k = 0 if row_offsets is not None else num_entries // num_rows
+    block_d = _block_d(d, src.element_size())
+    if row_offsets is None:
+        block_e = min(16, triton.next_power_of_2(k))
+    else:
+        block_e = min(8, triton.next_power_of_2(max(1, -(-num_entries // num_rows))))
+    grid = (num_rows, triton.cdiv(d, block_d))
+    with _device_ctx(src):
+        _csr_gather_sum_kernel[grid](
+            coef, col, row_offsets if row_offsets is not None else col, src,
+            bias if bias is not None else src, out,
+            k, d,
+            src.stride(0), src.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0),
+            HAS_OFFSETS=row_offsets is not None, HAS_BIAS=bias is not None,
+            BLOCK_E=block_e, BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return _finish(out, src.dtype)
+
+
+def gathered_dot(grad: torch.Tensor, col: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """out [N, k] in grad's dtype; ``col`` [N, k] with unit stride along k."""
+    n_rows, k = col.shape
+    d = grad.shape[1]
+    if n_rows == 0 or k == 0 or d == 0:
+        return grad.new_zeros((n_rows, k))
+    out = _empty((n_rows, k), grad, grad.dtype)
+    block_k = min(16, triton.next_power_of_2(k))
+    block_d = _block_d(d, src.element_size())
+    grid = (n_rows, triton.cdiv(k, block_k))
+    with _device_ctx(src):
+        _gathered_dot_kernel[grid](
+            grad, col, src, out,
+            k, d,
+            grad.stride(0), grad.stride(1), col.stride(0),
+            src.stride(0), src.stride(1), out.stride(0),
+            BLOCK_K=block_k, BLOCK_D=block_d,
+            num_warps=4,
+        )
+    return _finish(out, grad.dtype)
