@@ -74,14 +74,15 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + _arch_flags()
+    # No -std flag: torch adds the standard its headers need (C++17 up to 2.x, C++20 from 2.14).
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + _arch_flags()
     if os.environ.get("SAE_FAST_PTXAS_VERBOSE") == "1":
         nvcc.append("-Xptxas=-v")
     ext = CUDAExtension(
         name="sae_fast._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

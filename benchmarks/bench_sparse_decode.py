@@ -30,7 +30,7 @@ SMALL_SHAPE = {"N": 2048, "k": 32, "M": 16384, "d": 768}
 # One parameter at a time around the main shape.
 SWEEP = {"N": [1024, 32768], "k": [32, 128], "d": [768, 4096], "M": [16384, 1048576]}
 MODES = ("fwd", "bwd", "fwd+bwd")
-PROVIDERS = ("torch_dense", "torch_embedding_bag", "sae_fast_triton", "sae_fast_cuda", "sparsify")
+PROVIDERS = ("torch_dense", "torch_embedding_bag", "torch_gather_bmm", "sae_fast_triton", "sae_fast_cuda", "sparsify")
 # Relative error norm of the forward output and of each gradient vs the fp32 reference.
 TOLERANCE = {"bf16": 2e-2, "fp16": 5e-3, "fp32": 1e-3}
 DEVICE = "cuda"  # a module constant so a CPU dry run of the plumbing can swap it
@@ -111,6 +111,12 @@ def torch_embedding_bag(values, indices, W_dec, bias):
     return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum") + bias
 
 
+def torch_gather_bmm(values, indices, W_dec, bias):
+    # Materialises the gathered rows [N, k, d]: what several SAE codebases do. Its backward
+    # (index_put with accumulation) works in bf16, unlike embedding_bag's values gradient.
+    return torch.bmm(values.unsqueeze(1), W_dec[indices]).squeeze(1) + bias
+
+
 def _import_sae_fast():
     try:
         import sae_fast
@@ -168,6 +174,12 @@ def build_provider(name: str, shape: dict, dtype: torch.dtype) -> DecodeFn:
         return torch_dense
     if name == "torch_embedding_bag":
         return torch_embedding_bag
+    if name == "torch_gather_bmm":
+        gathered = shape["N"] * shape["k"] * shape["d"] * torch.finfo(dtype).bits // 8
+        free, _ = torch.cuda.mem_get_info()
+        if 3 * gathered > DENSE_MAX_FRACTION_OF_FREE * free:  # rows, their grad, the bmm's
+            raise Skip(f"skipped: gathered [N, k, d] is {gathered / harness.GIB:.1f} GiB")
+        return torch_gather_bmm
     if name == "sae_fast_triton":
         return _sae_fast_provider("triton")
     if name == "sae_fast_cuda":

@@ -15,6 +15,7 @@ import datetime
 import functools
 import json
 import platform
+import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,9 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], object]) -> None:
 
 
 def _git_sha() -> str:
+    # A copy of the tree without .git (a lent GPU box) gets the sha from the caller.
+    if os.environ.get("SAE_FAST_GIT_SHA"):
+        return os.environ["SAE_FAST_GIT_SHA"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()

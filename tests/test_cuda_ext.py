@@ -12,7 +12,9 @@ pytestmark = pytest.mark.cuda_ext
 
 def test_extension_loads_and_declares_schemas():
     assert sae_fast.cuda_extension_available()
-    import sae_fast._C  # noqa: F401
+    import importlib
+
+    importlib.import_module("sae_fast._C")
 
     schemas = {
         "csr_gather_sum": "sae_fast::csr_gather_sum(Tensor coef, Tensor col, Tensor? row_offsets, SymInt num_rows, Tensor src, Tensor? bias) -> Tensor",

@@ -52,7 +52,15 @@ def _run(fn, values, W_dec, bias, grad_out):
 
 
 def _plain(values, indices, W_dec, bias, grad_out):
-    return _run(lambda v, W, b: F.embedding_bag(indices, W, per_sample_weights=v, mode="sum") + b, values, W_dec, bias, grad_out)
+    """Plain torch in the inputs' dtype. embedding_bag for the output and the W_dec / bias
+    gradients; its per-sample-weights backward has no bf16 CUDA kernel, so the values
+    gradient is the batched product of the gathered rows with grad_out."""
+    out, _, d_W, d_b = _run(
+        lambda v, W, b: F.embedding_bag(indices, W, per_sample_weights=v.detach(), mode="sum") + b,
+        values, W_dec, bias, grad_out,
+    )
+    d_values = torch.bmm(W_dec[indices], grad_out.unsqueeze(-1)).squeeze(-1)
+    return out, d_values, d_W, d_b
 
 
 def _check(backend, values, indices, W_dec, bias, grad_out):

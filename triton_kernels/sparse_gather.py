@@ -37,7 +37,9 @@ def _csr_gather_sum_kernel(
     else:
         start = row * k
         end = start + k
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # A 2-D accumulator reduced once at the end: a reduction over the entry axis inside the
+    # loop would cross warps (shared memory and a barrier) on every step.
+    acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
     # BLOCK_E source rows per step, so that many independent row loads are in flight.
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
@@ -49,10 +51,11 @@ def _csr_gather_sum_kernel(
             mask=mask_e[:, None] & mask_d[None, :],
             other=0.0,
         ).to(tl.float32)
-        acc += tl.sum(coefs[:, None] * rows, axis=0)
+        acc += coefs[:, None] * rows
+    total = tl.sum(acc, axis=0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_d * stride_bias, mask=mask_d, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out_row + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
+        total += tl.load(bias_ptr + offs_d * stride_bias, mask=mask_d, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_out_row + offs_d, total.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
@@ -67,7 +70,8 @@ def _gathered_dot_kernel(
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_k = offs_k < k
     cols = tl.load(col_ptr + n * stride_col_row + offs_k, mask=mask_k, other=0).to(tl.int64)
-    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    # Reduced over d once at the end, not per step (see _csr_gather_sum_kernel).
+    acc = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < d
@@ -77,14 +81,24 @@ def _gathered_dot_kernel(
             mask=mask_k[:, None] & mask_d[None, :],
             other=0.0,
         )
-        acc += tl.sum(rows.to(tl.float32) * g.to(tl.float32)[None, :], axis=1)
-    tl.store(out_ptr + n * stride_out_row + offs_k, acc.to(out_ptr.dtype.element_ty), mask=mask_k)
+        acc += rows.to(tl.float32) * g.to(tl.float32)[None, :]
+    total = tl.sum(acc, axis=1)
+    tl.store(out_ptr + n * stride_out_row + offs_k, total.to(out_ptr.dtype.element_ty), mask=mask_k)
 
 
-def _block_d(d: int, elem_size: int) -> int:
-    # 16-byte vectors across a 128-thread program: 256 half-precision or 128 fp32 columns.
-    cap = 256 if elem_size <= 2 else 128
-    return min(triton.next_power_of_2(max(d, 1)), cap)
+def _block_d(d: int, row_bytes: int, elem_size: int) -> int:
+    """Columns per program: ``row_bytes`` of each gathered row, fewer when d is small."""
+    return min(triton.next_power_of_2(max(d, 1)), max(16, row_bytes // elem_size))
+
+
+# Launch heuristics, measured on an H100 with benchmarks/tune_sparse_gather.py at
+# N=8192, k=64, M=131072, d=2304 bf16 (see benchmarks/results/README.md):
+#   decode forward (uniform rows):  8 rows x 1 KiB per step        0.71 ms (2.5x the old 256 B tiles)
+#   weight gradient (CSR, ~4/row):  4 rows x 2 KiB per step        0.76 ms (14x: fewer, wider programs)
+#   values gradient:                32 entries x 256 B per step    0.78 ms
+_UNIFORM_ROW_BYTES, _UNIFORM_BLOCK_E = 1024, 8
+_CSR_ROW_BYTES, _CSR_BLOCK_E = 2048, 4
+_DOT_ROW_BYTES, _DOT_BLOCK_K = 256, 32
 
 
 def _empty(shape, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -125,9 +139,14 @@ def csr_gather_sum(
     num_rows: int,
     src: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
+    *,
+    block_e: Optional[int] = None,
+    block_d: Optional[int] = None,
+    num_warps: Optional[int] = None,
 ) -> torch.Tensor:
     """out [num_rows, d] in src's dtype. ``coef``/``col`` are contiguous 1-D; ``row_offsets``
-    is int64 [num_rows + 1] or None for rows of ``coef.numel() // num_rows`` entries."""
+    is int64 [num_rows + 1] or None for rows of ``coef.numel() // num_rows`` entries.
+    ``block_e``/``block_d``/``num_warps`` override the launch heuristics (for tuning)."""
     d = src.shape[1]
     if num_rows == 0 or d == 0:
         return src.new_empty((num_rows, d))
@@ -137,11 +156,12 @@ def csr_gather_sum(
         return out.add_(bias) if bias is not None else out
     out = _empty((num_rows, d), src, src.dtype)
     k = 0 if row_offsets is not None else num_entries // num_rows
-    block_d = _block_d(d, src.element_size())
     if row_offsets is None:
-        block_e = min(16, triton.next_power_of_2(k))
+        block_d = block_d or _block_d(d, _UNIFORM_ROW_BYTES, src.element_size())
+        block_e = block_e or min(_UNIFORM_BLOCK_E, triton.next_power_of_2(k))
     else:
-        block_e = min(8, triton.next_power_of_2(max(1, -(-num_entries // num_rows))))
+        block_d = block_d or _block_d(d, _CSR_ROW_BYTES, src.element_size())
+        block_e = block_e or min(_CSR_BLOCK_E, triton.next_power_of_2(max(1, -(-num_entries // num_rows))))
     grid = (num_rows, triton.cdiv(d, block_d))
     with _device_ctx(src):
         _csr_gather_sum_kernel[grid](
@@ -151,20 +171,29 @@ def csr_gather_sum(
             src.stride(0), src.stride(1), bias.stride(0) if bias is not None else 0, out.stride(0),
             HAS_OFFSETS=row_offsets is not None, HAS_BIAS=bias is not None,
             BLOCK_E=block_e, BLOCK_D=block_d,
-            num_warps=4,
+            num_warps=num_warps or 4,
         )
     return _finish(out, src.dtype)
 
 
-def gathered_dot(grad: torch.Tensor, col: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """out [N, k] in grad's dtype; ``col`` [N, k] with unit stride along k."""
+def gathered_dot(
+    grad: torch.Tensor,
+    col: torch.Tensor,
+    src: torch.Tensor,
+    *,
+    block_k: Optional[int] = None,
+    block_d: Optional[int] = None,
+    num_warps: Optional[int] = None,
+) -> torch.Tensor:
+    """out [N, k] in grad's dtype; ``col`` [N, k] with unit stride along k.
+    ``block_k``/``block_d``/``num_warps`` override the launch heuristics (for tuning)."""
     n_rows, k = col.shape
     d = grad.shape[1]
     if n_rows == 0 or k == 0 or d == 0:
         return grad.new_zeros((n_rows, k))
     out = _empty((n_rows, k), grad, grad.dtype)
-    block_k = min(16, triton.next_power_of_2(k))
-    block_d = _block_d(d, src.element_size())
+    block_k = block_k or min(_DOT_BLOCK_K, triton.next_power_of_2(k))
+    block_d = block_d or _block_d(d, _DOT_ROW_BYTES, src.element_size())
     grid = (n_rows, triton.cdiv(k, block_k))
     with _device_ctx(src):
         _gathered_dot_kernel[grid](
@@ -173,6 +202,6 @@ def gathered_dot(grad: torch.Tensor, col: torch.Tensor, src: torch.Tensor) -> to
             grad.stride(0), grad.stride(1), col.stride(0),
             src.stride(0), src.stride(1), out.stride(0),
             BLOCK_K=block_k, BLOCK_D=block_d,
-            num_warps=4,
+            num_warps=num_warps or 4,
         )
     return _finish(out, grad.dtype)
