@@ -30,7 +30,7 @@ SMALL_SHAPE = {"N": 2048, "k": 32, "M": 16384, "d": 768}
 # One parameter at a time around the main shape.
 SWEEP = {"N": [1024, 32768], "k": [32, 128], "d": [768, 4096], "M": [16384, 1048576]}
 MODES = ("fwd", "bwd", "fwd+bwd")
-PROVIDERS = ("torch_dense", "torch_embedding_bag", "torch_gather_bmm", "sae_fast_triton", "sae_fast_cuda", "sparsify")
+PROVIDERS = ("torch_dense", "torch_embedding_bag", "torch_gather_bmm", "sae_fast_triton", "sae_fast_cuda", "sae_fast_fastest", "sparsify")
 # Relative error norm of the forward output and of each gradient vs the fp32 reference.
 TOLERANCE = {"bf16": 2e-2, "fp16": 5e-3, "fp32": 1e-3}
 DEVICE = "cuda"  # a module constant so a CPU dry run of the plumbing can swap it
@@ -128,7 +128,7 @@ def _import_sae_fast():
 
 def _sae_fast_provider(backend: str) -> DecodeFn:
     sae_fast = _import_sae_fast()
-    if backend == "cuda":
+    if backend in ("cuda", "fastest"):
         available = getattr(sae_fast, "cuda_extension_available", None)
         if available is None or not available():
             raise Skip("skipped: CUDA extension sae_fast._C not built")
@@ -184,6 +184,8 @@ def build_provider(name: str, shape: dict, dtype: torch.dtype) -> DecodeFn:
         return _sae_fast_provider("triton")
     if name == "sae_fast_cuda":
         return _sae_fast_provider("cuda")
+    if name == "sae_fast_fastest":  # the default on a GPU with the extension
+        return _sae_fast_provider("fastest")
     if name == "sparsify":
         return _sparsify_provider(dtype)
     raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")

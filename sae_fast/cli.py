@@ -71,7 +71,7 @@ def _check(args) -> int:
     if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         backends.append("triton")
     if device == "cuda" and sae_fast.cuda_extension_available():
-        backends.append("cuda")
+        backends += ["cuda", "fastest"]
     print(f"sparse_decode check on {device}: N={n} k={k} M={m} d={d}")
     print(f"{'backend':<10} {'dtype':<9} {'fwd+bwd s':>9}  rel.err out / d_values / d_W_dec / d_bias")
     failed = False

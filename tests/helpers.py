@@ -21,6 +21,7 @@ def backend_params():
         pytest.param("reference", "cuda", id="reference-cuda", marks=pytest.mark.gpu),
         pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
         pytest.param("cuda", "cuda", id="cuda-cuda", marks=[pytest.mark.gpu, pytest.mark.cuda_ext]),
+        pytest.param("fastest", "cuda", id="fastest-cuda", marks=[pytest.mark.gpu, pytest.mark.cuda_ext]),
     ]
     return params
 

@@ -14,7 +14,11 @@ from helpers import assert_close
 
 pytestmark = pytest.mark.gpu
 
-KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=pytest.mark.cuda_ext)]
+KERNEL_BACKENDS = [
+    "triton",
+    pytest.param("cuda", marks=pytest.mark.cuda_ext),
+    pytest.param("fastest", marks=pytest.mark.cuda_ext),
+]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REAL = (8192, 64, 131072, 2304)
 
@@ -116,7 +120,7 @@ def test_out_of_range_index_raises_on_gpu():
 
 
 def test_default_backend_on_gpu():
-    expected = "cuda" if sae_fast.cuda_extension_available() else "triton"
+    expected = "fastest" if sae_fast.cuda_extension_available() else "triton"
     assert sae_fast._backend.resolve_backend(None, torch.device("cuda"), torch.bfloat16, "x") == expected
 
 

@@ -110,8 +110,8 @@ def sparse_decode(
         W_dec: ``[M, d]`` decoder, same dtype as ``values``, any strides (a transposed
             ``[d, M]`` storage viewed as ``[M, d]`` works without a copy, at lower speed).
         bias: ``[d]`` or None, same dtype.
-        backend: ``"cuda"``, ``"triton"``, ``"reference"`` or None for the default (see
-            ``sae_fast._backend``).
+        backend: ``"fastest"``, ``"cuda"``, ``"triton"``, ``"reference"`` or None for the
+            default (see ``sae_fast._backend``).
         check_indices: verify the index range first (one device sync); an out-of-range
             index raises IndexError. Skipping it with False trades safety for speed: an
             out-of-range index is then undefined behaviour on GPU.
