@@ -57,10 +57,13 @@ def sparse_decode_grad_weight(
     Rows of latents that no entry selects are zero."""
     k = indices.shape[1]
     flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # entries grouped by latent, token order kept
-    counts = torch.bincount(flat, minlength=num_latents)
-    offsets = torch.zeros(num_latents + 1, device=flat.device, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=offsets[1:])
+    # Narrow keys halve the radix-sort passes; the indices were range-checked on the way in.
+    keys = flat.to(torch.int32) if num_latents <= torch.iinfo(torch.int32).max else flat
+    sorted_keys, order = torch.sort(keys, stable=True)  # entries grouped by latent, token order kept
+    # Row m of the CSR is [first entry >= m, first entry >= m + 1). searchsorted, unlike
+    # bincount, needs no device sync (bincount reads the maximum back to size its output).
+    boundaries = torch.arange(num_latents + 1, device=flat.device, dtype=sorted_keys.dtype)
+    offsets = torch.searchsorted(sorted_keys, boundaries)
     token_rows = order // max(k, 1)
     coef = values.reshape(-1)[order]
     return _backend.kernels(backend).csr_gather_sum(coef, token_rows, offsets, num_latents, grad, None)
