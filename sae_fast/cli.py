@@ -3,7 +3,10 @@
     sae-fast check            run every available backend of every op on an embedded
                               problem, forward and backward, against fp64 dense math
     sae-fast bench [--quick]  GPU benchmarks (benchmarks/ of a source checkout); without a
-                              GPU says so and runs ``check`` instead
+                              GPU says so and runs ``kernel-report`` instead
+    sae-fast kernel-report [--csrc] [--arch 80,90] [--json PATH]
+                              compile every kernel for sm_80 / sm_90 without a GPU and
+                              report registers, spills, shared memory (exit 1 on a problem)
     sae-fast info             versions, extension and backend availability
 """
 
@@ -87,10 +90,17 @@ def _check(args) -> int:
     return 1 if failed else 0
 
 
+def _kernel_report(argv) -> int:
+    from . import kernel_report
+
+    return kernel_report.main(argv)
+
+
 def _bench(args) -> int:
     if not _has_gpu():
-        print("sae-fast bench: timings need a CUDA GPU and none is visible; running `sae-fast check` instead.")
-        return _check(args)
+        print("sae-fast bench: timings need a CUDA GPU and none is visible; "
+              "running the static kernel report (`sae-fast kernel-report`) instead.")
+        return _kernel_report([])
     bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
     if not (bench_dir / "bench_sparse_decode.py").exists():
         print("sae-fast bench: the benchmarks/ folder of a source checkout is needed (pip install -e .)", file=sys.stderr)
@@ -115,7 +125,12 @@ def main(argv=None) -> int:
     bench.add_argument("--op", help="one op family (default: all)")
     bench.add_argument("--quick", action="store_true", help="main shapes only")
     sub.add_parser("info", help="versions and backend availability")
+    report = sub.add_parser("kernel-report", help="compile every kernel for sm_80/sm_90 (no GPU) and report registers, spills, shared memory",
+                            add_help=False)
+    report.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.cmd == "kernel-report":
+        return _kernel_report(args.rest)
     return {"check": _check, "bench": _bench, "info": lambda a: _info()}[args.cmd](args)
 
 

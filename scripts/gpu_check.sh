@@ -20,7 +20,7 @@ step() {  # step NAME LOGFILE CMD...: run, log, remember failures, never stop ea
   if "$@" >"$RESULTS/$log" 2>&1; then echo "   ok ($((SECONDS - t0)) s)"; else echo "   FAILED ($((SECONDS - t0)) s), see $RESULTS/$log"; tail -n 25 "$RESULTS/$log"; failures+=("$name"); fi
 }
 
-{ nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; nvcc --version; git rev-parse HEAD; } >"$RESULTS/env.txt" 2>&1
+{ nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; nvcc --version; git rev-parse HEAD 2>/dev/null || echo "git sha: ${SAE_FAST_GIT_SHA:-unknown (no .git; pass SAE_FAST_GIT_SHA)}"; } >"$RESULTS/env.txt" 2>&1
 step build build.log env SAE_FAST_BUILD_CUDA=1 MAX_JOBS=$(nproc) SAE_FAST_PTXAS_VERBOSE=1 \
   $PY -m pip install --no-build-isolation --no-deps --no-index -v -e .
 step tests pytest.log $PY -m pytest tests -m "gpu or cuda_ext" -q -p no:cacheprovider --junitxml="$RESULTS/pytest.xml"
@@ -29,6 +29,9 @@ for tool in memcheck racecheck; do
   step "sanitizer-$tool" "sanitizer_$tool.log" compute-sanitizer --tool $tool --error-exitcode 1 $PY scripts/sanitizer_driver.py
 done
 unset PYTORCH_NO_CUDA_MEMORY_CACHING
+step kernel-report kernel_report.log $PY -m sae_fast.kernel_report --csrc --json "$RESULTS/kernel_report.json"
+step regression regression.log $PY -m pytest tests/test_benchmark_regression.py -q -p no:cacheprovider \
+  --benchmark-json="$RESULTS/regression.json"
 step bench bench.log $PY benchmarks/bench_sparse_decode.py $BENCH_ARGS --out "$RESULTS/sparse_decode.jsonl"
 tail -n 40 "$RESULTS/bench.log"
 if [ ${#failures[@]} -gt 0 ]; then echo "gpu_check: FAILED: ${failures[*]}"; exit 1; fi

@@ -205,3 +205,35 @@ def gathered_dot(
             num_warps=num_warps or 4,
         )
     return _finish(out, grad.dtype)
+
+
+def launch_specs() -> list:
+    """The launch configurations the heuristics above produce at representative sizes, for
+    the static kernel report (``sae-fast kernel-report``): compiled for sm_80 / sm_90 with
+    no GPU and checked for register spills and shared memory. Each entry: name, kernel,
+    argument types by name (pointers as ``*dtype``), constexprs, num_warps, and ``allow``
+    (what the report tolerates, with the reason)."""
+    specs = []
+    for dt, elem in (("bf16", 2), ("fp32", 4)):
+        for has_offsets in (False, True):
+            row_bytes, block_e = (_CSR_ROW_BYTES, _CSR_BLOCK_E) if has_offsets else (_UNIFORM_ROW_BYTES, _UNIFORM_BLOCK_E)
+            specs.append(dict(
+                name=f"csr_gather_sum[{dt},{'csr' if has_offsets else 'uniform'}]",
+                kernel=_csr_gather_sum_kernel,
+                types=dict(coef_ptr=f"*{dt}", col_ptr="*i64", offsets_ptr="*i64", src_ptr=f"*{dt}",
+                           bias_ptr=f"*{dt}", out_ptr=f"*{dt}", k="i32", d="i32", stride_src_row="i64",
+                           stride_src_col="i64", stride_bias="i64", stride_out_row="i64"),
+                constexprs=dict(HAS_OFFSETS=has_offsets, HAS_BIAS=not has_offsets, BLOCK_E=block_e,
+                                BLOCK_D=_block_d(4096, row_bytes, elem)),
+                num_warps=4, allow={},
+            ))
+        specs.append(dict(
+            name=f"gathered_dot[{dt}]",
+            kernel=_gathered_dot_kernel,
+            types=dict(grad_ptr=f"*{dt}", col_ptr="*i64", src_ptr=f"*{dt}", out_ptr=f"*{dt}", k="i32", d="i32",
+                       stride_grad_row="i64", stride_grad_col="i64", stride_col_row="i64",
+                       stride_src_row="i64", stride_src_col="i64", stride_out_row="i64"),
+            constexprs=dict(BLOCK_K=_DOT_BLOCK_K, BLOCK_D=_block_d(4096, _DOT_ROW_BYTES, elem)),
+            num_warps=4, allow={},
+        ))
+    return specs
