@@ -1,0 +1,73 @@
+"""Plain-torch TopK selection over the encoder pre-activations, streamed over latent blocks.
+
+``pre = (x - b_dec) @ W_encᵀ + b_enc`` is computed ``block_m`` latents at a time and merged
+into a running top-k per row, so extra memory is O(N·(k + block_m)), never O(N·M): the
+same plan as the fused kernels, and the CPU path of ``sae_fast.topk_encode``.
+
+Order (the package's documented tie rule): descending ``pre``, and among equal values the
+smaller latent index first. Merging keeps it: the running list is already in that order and
+every latent of a new block has a larger index than every latent seen before, so a stable
+descending sort of ``[running, block]`` puts an old entry before a new one of equal value.
+NaN pre-activations are not supported (their order is unspecified).
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class TopKSelection(NamedTuple):
+    pre: torch.Tensor  # [N, k] selected pre-activations (before ReLU), descending
+    indices: torch.Tensor  # [N, k] int64 latent ids
+    aux_pre: Optional[torch.Tensor]  # [N, k_aux] among dead latents, or None
+    aux_indices: Optional[torch.Tensor]
+
+
+def _merge(run_v, run_i, new_v, new_i, k):
+    v = torch.cat([run_v, new_v], dim=1)
+    i = torch.cat([run_i, new_i], dim=1)
+    v, order = torch.sort(v, dim=1, descending=True, stable=True)
+    return v[:, :k], torch.gather(i, 1, order[:, :k])
+
+
+def topk_select(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: Optional[torch.Tensor],
+    k: int,
+    *,
+    b_dec: Optional[torch.Tensor] = None,
+    dead_mask: Optional[torch.Tensor] = None,
+    k_aux: int = 0,
+    block_m: int = 4096,
+) -> TopKSelection:
+    """Top-``k`` pre-activations per row (and top-``k_aux`` among ``dead_mask`` latents), in
+    the dtype of ``x`` with fp32 accumulation for half types. Rows with fewer than ``k_aux``
+    dead latents get ``-inf`` values and index 0 in the missing slots."""
+    n, m = x.shape[0], W_enc.shape[0]
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xc = x.to(acc_dtype)
+    if b_dec is not None:
+        xc = xc - b_dec.to(acc_dtype)
+    dev = x.device
+    run_v = torch.empty(n, 0, device=dev, dtype=acc_dtype)
+    run_i = torch.empty(n, 0, device=dev, dtype=torch.int64)
+    aux_v, aux_i = run_v, run_i
+    want_aux = dead_mask is not None and k_aux > 0
+    for m0 in range(0, m, block_m):
+        m1 = min(m, m0 + block_m)
+        pre = xc @ W_enc[m0:m1].to(acc_dtype).T
+        if b_enc is not None:
+            pre = pre + b_enc[m0:m1].to(acc_dtype)
+        # Round to the output dtype before selecting, so the order is that of the returned values.
+        pre = pre.to(x.dtype).to(acc_dtype)
+        ids = torch.arange(m0, m1, device=dev).expand(n, -1)
+        run_v, run_i = _merge(run_v, run_i, pre, ids, k)
+        if want_aux:
+            dead_pre = pre.masked_fill(~dead_mask[m0:m1].to(dev), float("-inf"))
+            aux_v, aux_i = _merge(aux_v, aux_i, dead_pre, ids, k_aux)
+    if want_aux:
+        missing = torch.isinf(aux_v) & (aux_v < 0)
+        aux_i = aux_i.masked_fill(missing, 0)
+        return TopKSelection(run_v.to(x.dtype), run_i, aux_v.to(x.dtype), aux_i)
+    return TopKSelection(run_v.to(x.dtype), run_i, None, None)
