@@ -1,5 +1,6 @@
 """torch.library registrations of every sae_fast operator (namespace ``sae_fast::``)."""
 
 from .decode import sparse_decode
+from .topk import TopKCodes, topk_encode
 
-__all__ = ["sparse_decode"]
+__all__ = ["sparse_decode", "topk_encode", "TopKCodes"]

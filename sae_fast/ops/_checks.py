@@ -41,3 +41,8 @@ def check_index_range(op: str, name: str, indices: torch.Tensor, upper: int):
     if lo < 0 or hi >= upper:
         bad = lo if lo < 0 else hi
         raise IndexError(f"{op}: {name} must lie in [0, {upper}), found {bad}")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 data; fp64 stays fp64 (tests and gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

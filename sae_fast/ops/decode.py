@@ -89,7 +89,7 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[2]:
         grad_weight = sparse_decode_grad_weight(grad, values, indices, W_dec.shape[0], ctx.backend)
     if ctx.has_bias and ctx.needs_input_grad[3]:
-        grad_bias = grad.sum(0, dtype=torch.float32).to(grad.dtype)
+        grad_bias = grad.sum(0, dtype=_checks.accumulation_dtype(grad.dtype)).to(grad.dtype)
     return grad_values, None, grad_weight, grad_bias, None, None
 
 

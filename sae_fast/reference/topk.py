@@ -69,5 +69,5 @@ def topk_select(
     if want_aux:
         missing = torch.isinf(aux_v) & (aux_v < 0)
         aux_i = aux_i.masked_fill(missing, 0)
-        return TopKSelection(run_v.to(x.dtype), run_i, aux_v.to(x.dtype), aux_i)
-    return TopKSelection(run_v.to(x.dtype), run_i, None, None)
+        return TopKSelection(run_v.to(x.dtype).contiguous(), run_i.contiguous(), aux_v.to(x.dtype).contiguous(), aux_i.contiguous())
+    return TopKSelection(run_v.to(x.dtype).contiguous(), run_i.contiguous(), None, None)

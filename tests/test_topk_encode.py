@@ -1,0 +1,124 @@
+"""topk_encode: selection and every gradient against a dense autograd formulation (one
+[N, M] matmul + sort), AuxK, bad input, opcheck and compile. CPU backends here; the fused
+kernel and the GPU tier come with the Triton kernel."""
+
+import pytest
+import torch
+
+import sae_fast
+from sae_fast.ops.topk import topk_encode_op
+
+from helpers import backend_params
+
+
+def _dense(x, W, b_enc, b_dec, k, dead=None, k_aux=0):
+    """Differentiable dense reference: values/indices by a stable sort (ties: smaller id)."""
+    pre = (x - b_dec) @ W.T + b_enc
+    order = torch.sort(pre.detach(), dim=1, descending=True, stable=True).indices
+    idx = order[:, :k]
+    out = [torch.relu(torch.gather(pre, 1, idx)), idx]
+    if k_aux:
+        dpre = pre.masked_fill(~dead, float("-inf"))
+        aidx = torch.sort(dpre.detach(), dim=1, descending=True, stable=True).indices[:, :k_aux]
+        out += [torch.gather(pre, 1, aidx), aidx]
+    return out
+
+
+def _leaves(n, d, m, dtype=torch.float64, device="cpu"):
+    g = torch.Generator().manual_seed(1)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_()
+    return mk(n, d), mk(m, d), mk(m), mk(d)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("n,d,m,k", [(7, 13, 53, 5), (3, 5, 9, 9), (4, 6, 17, 1)])
+def test_values_indices_and_gradients(backend, device, n, d, m, k):
+    x, W, b_enc, b_dec = _leaves(n, d, m, device=device)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    x, W, b_enc, b_dec = (t.detach().to(dtype).requires_grad_() for t in (x, W, b_enc, b_dec))
+    got = sae_fast.topk_encode(x, W, b_enc, k, b_dec=b_dec, backend=backend)
+    want = _dense(x, W, b_enc, b_dec, k)
+    assert torch.equal(got.indices, want[1])
+    torch.testing.assert_close(got.values, want[0])
+    gv = torch.randn_like(got.values)
+    g_got = torch.autograd.grad(got.values, (x, W, b_enc, b_dec), gv)
+    g_want = torch.autograd.grad(want[0], (x, W, b_enc, b_dec), gv)
+    for name, a, b in zip(("x", "W_enc", "b_enc", "b_dec"), g_got, g_want):
+        torch.testing.assert_close(a, b, msg=lambda s: f"grad {name}: {s}")
+
+
+def test_aux_gradients_and_missing_slots():
+    n, d, m = 5, 7, 30
+    x, W, b_enc, b_dec = _leaves(n, d, m)
+    dead = torch.zeros(m, dtype=torch.bool)
+    dead[[0, 4, 11]] = True  # latent 0 dead: a missing slot's index 0 must not double its gradient
+    got = sae_fast.topk_encode(x, W, b_enc, 4, b_dec=b_dec, dead_mask=dead, k_aux=5)
+    want = _dense(x, W, b_enc, b_dec, 4, dead, 3)
+    assert torch.equal(got.aux_indices[:, :3], want[3])
+    torch.testing.assert_close(got.aux_values[:, :3], want[2])
+    assert (got.aux_values[:, 3:] == 0).all() and (got.aux_indices[:, 3:] == 0).all()
+    gv, ga = torch.randn_like(got.values), torch.randn_like(got.aux_values)
+    g_got = torch.autograd.grad((got.values, got.aux_values), (x, W, b_enc, b_dec), (gv, ga))
+    g_want = torch.autograd.grad((want[0], want[2]), (x, W, b_enc, b_dec), (gv, ga[:, :3]))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+
+
+def test_gradcheck():
+    x, W, b_enc, b_dec = _leaves(4, 5, 11)
+    f = lambda *a: sae_fast.topk_encode(a[0], a[1], a[2], 3, b_dec=a[3]).values
+    assert torch.autograd.gradcheck(f, (x, W, b_enc, b_dec))
+
+
+def test_rows_with_few_positive_and_ties():
+    x = torch.ones(3, 4, dtype=torch.float64)
+    W = torch.zeros(10, 4, dtype=torch.float64)
+    W[7] = 1.0
+    W[[2, 5]] = -1.0
+    codes = sae_fast.topk_encode(x, W, None, 4)
+    assert codes.indices[0].tolist() == [7, 0, 1, 3]  # one positive, then zeros by id
+    assert codes.values[0].tolist() == [4.0, 0.0, 0.0, 0.0]
+
+
+def test_int32_indices_and_transposed_weight():
+    x, W, b_enc, b_dec = _leaves(4, 6, 20)
+    Wt = W.detach().T.contiguous().T  # [M, d] view of a [d, M] storage
+    codes = sae_fast.topk_encode(x.detach(), Wt, b_enc.detach(), 3, index_dtype=torch.int32)
+    want = _dense(x.detach(), W.detach(), b_enc.detach(), 0, 3)
+    assert codes.indices.dtype == torch.int32 and torch.equal(codes.indices.long(), want[1])
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (dict(k=0), ValueError, "k must be"),
+        (dict(k=21), ValueError, "k must be"),
+        (dict(k_aux=2), ValueError, "needs dead_mask"),
+        (dict(W_enc=torch.randn(20, 5)), ValueError, "W_enc must be"),
+        (dict(b_enc=torch.randn(19)), ValueError, "b_enc must be"),
+        (dict(x=torch.randn(4, 6, dtype=torch.float64)), TypeError, "dtype"),
+        (dict(dead_mask=torch.zeros(20)), TypeError, "dead_mask"),
+        (dict(index_dtype=torch.int16), TypeError, "index_dtype"),
+    ],
+)
+def test_bad_input(change, exc, match):
+    args = dict(x=torch.randn(4, 6), W_enc=torch.randn(20, 6), b_enc=torch.randn(20), k=3)
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        sae_fast.topk_encode(args.pop("x"), args.pop("W_enc"), args.pop("b_enc"), args.pop("k"), **args)
+
+
+def test_opcheck():
+    x, W, b_enc, b_dec = (t.detach().float().requires_grad_() for t in _leaves(5, 6, 19))
+    dead = torch.rand(19) < 0.3
+    torch.library.opcheck(topk_encode_op, (x, W, b_enc, b_dec, dead, 4, 3, "reference"))
+    torch.library.opcheck(topk_encode_op, (x, W, None, None, None, 2, 0, "reference"))
+
+
+def test_compile_fullgraph():
+    x, W, b_enc, b_dec = (t.detach().float().requires_grad_() for t in _leaves(5, 6, 19))
+    f = lambda x, W, b, c: sae_fast.topk_encode(x, W, b, 3, b_dec=c, backend="reference").values.sum()
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x, W, b_enc, b_dec), (x, W))
+    want = torch.autograd.grad(f(x, W, b_enc, b_dec), (x, W))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
