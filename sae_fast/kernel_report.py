@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 SM80_MAX_SMEM = 163 * 1024  # opt-in shared memory per block on an A100 (sm_80)
-KERNEL_MODULES = ("sparse_gather",)  # modules of sae_fast.triton_kernels with launch_specs()
+KERNEL_MODULES = ("sparse_gather", "topk_encode")  # modules of sae_fast.triton_kernels with launch_specs()
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -136,13 +136,15 @@ def _judge(h: KernelHealth) -> None:
         h.problems.append("no_wgmma")
 
 
-def triton_report(archs=(80, 90)) -> list[KernelHealth]:
+def triton_report(archs=(80, 90), only: Optional[str] = None) -> list[KernelHealth]:
     import importlib
 
     results = []
     for module_name in KERNEL_MODULES:
         module = importlib.import_module(f"sae_fast.triton_kernels.{module_name}")
         for spec in module.launch_specs():
+            if only and only not in spec["name"]:
+                continue
             for arch in archs:
                 results.append(triton_health(spec, arch))
     return results
@@ -224,9 +226,10 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="80,90", help="compute capabilities for the Triton kernels (default 80,90)")
     p.add_argument("--csrc", action="store_true", help="also compile csrc/*.cu for sm_90 with nvcc -Xptxas -v")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--only", metavar="TEXT", help="only the Triton kernels whose name contains TEXT")
     args = p.parse_args(argv)
     archs = tuple(int(a) for a in args.arch.split(",") if a)
-    results = triton_report(archs)
+    results = triton_report(archs, args.only)
     if args.csrc:
         results += csrc_report(90)
     print_table(results)

@@ -122,3 +122,47 @@ def test_compile_fullgraph():
     want = torch.autograd.grad(f(x, W, b_enc, b_dec), (x, W))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+# ---- the fused Triton kernel (interpreter on CPU, compiled on GPU) vs the reference, exactly:
+# integer-valued inputs make every pre-activation exact in fp32 and ties common.
+
+TRITON_DEVICES = [p for p in backend_params() if p.values[0] == "triton"]
+
+
+def _int_inputs(n, d, m, device, negative_rows=False):
+    g = torch.Generator().manual_seed(3)
+    ints = lambda lo, hi, *s: torch.randint(lo, hi, s, generator=g).float().to(device)
+    x, W, b_enc, b_dec = ints(-3, 4, n, d), ints(-3, 4, m, d), ints(-2, 3, m), ints(-1, 2, d)
+    if negative_rows:
+        x[0] = b_dec  # row 0: x - b_dec = 0, so pre = b_enc, all negative
+        b_enc = -b_enc.abs() - 1
+    return x, W, b_enc, b_dec
+
+
+@pytest.mark.parametrize("backend,device", TRITON_DEVICES)
+@pytest.mark.parametrize("n,d,m,k,splits", [(19, 37, 70, 5, None), (5, 9, 33, 33, None), (17, 20, 101, 1, 3),
+                                            (9, 50, 200, 20, 4), (3, 7, 40, 8, 2)])
+def test_fused_kernel_matches_reference_exactly(backend, device, n, d, m, k, splits):
+    from sae_fast.triton_kernels import topk_encode as fused
+
+    x, W, b_enc, b_dec = _int_inputs(n, d, m, device, negative_rows=True)
+    dead = torch.rand(m, generator=torch.Generator().manual_seed(4)) < 0.15
+    dead = dead.to(device)
+    k_aux = min(6, m)
+    got = fused.topk_encode(x, W, b_enc, b_dec, k, dead, k_aux, splits=splits)
+    want = topk_encode_op(x.cpu(), W.cpu(), b_enc.cpu(), b_dec.cpu(), dead.cpu(), k, k_aux, "reference")
+    for name, a, b in zip(("pre", "indices", "aux_pre", "aux_indices"), got, want):
+        assert torch.equal(a.cpu(), b), name
+    assert (got[0][0] < 0).all()  # the all-negative row keeps its k largest (negative) pre
+
+
+@pytest.mark.parametrize("backend,device", TRITON_DEVICES)
+def test_fused_kernel_strided_weight_and_no_biases(backend, device):
+    from sae_fast.triton_kernels import topk_encode as fused
+
+    x, W, _, _ = _int_inputs(11, 24, 45, device)
+    Wt = W.T.contiguous().T  # [M, d] view of a [d, M] storage
+    got = fused.topk_encode(x, Wt, None, None, 7, splits=2)
+    want = topk_encode_op(x.cpu(), W.cpu(), None, None, None, 7, 0, "reference")
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])

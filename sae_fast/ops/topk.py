@@ -6,9 +6,10 @@ top-``k_aux`` pre-activations among dead latents. Its backward touches only the 
 entries and reuses sparse decode's two products (see ``_backward``): no ``[N, M]`` tensor in
 either direction.
 
-Selection today runs on the streamed torch reference (``reference/topk.py``: O(N·(k+block))
-memory, never ``[N, M]``) for every backend; the fused Triton kernel is the next step of
-issue 4. The gradient products use the requested backend's kernels.
+Selection: the fused Triton kernel (``triton_kernels/topk_encode.py``: GEMM tiles folded
+into a running top-k, O(N·k·splits) extra memory) for the triton / cuda / fastest backends,
+the streamed torch reference (``reference/topk.py``, O(N·(k+block))) for ``reference``. The
+gradient products use the requested backend's kernels.
 """
 
 from typing import NamedTuple, Optional
@@ -46,6 +47,12 @@ def topk_encode_op(
     k_aux: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend != "reference":
+        # One fused kernel for every GPU backend: selection is Triton; the backward's
+        # gather products still follow the backend.
+        from ..triton_kernels import topk_encode as fused
+
+        return fused.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
     sel = topk_select(x, W_enc, b_enc, k, b_dec=b_dec, dead_mask=dead_mask, k_aux=k_aux)
     if sel.aux_pre is None:
         return sel.pre, sel.indices, x.new_zeros((x.shape[0], 0)), sel.indices.new_zeros((x.shape[0], 0))

@@ -1,0 +1,215 @@
+"""Fused encoder GEMM + running top-k: the [N, M] pre-activations are never written.
+
+Program (row block, latent split) computes ``pre = (x - b_dec) @ W_encᵀ + b_enc`` one
+[BLOCK_N, BLOCK_M] tile at a time with ``tl.dot`` and folds each tile into a running list of
+the BLOCK_M best entries per row:
+
+* every entry becomes one int64 key, ``orderable(pre) << 32 | (2³² - 1 - latent)``, so a
+  descending key order is descending ``pre`` with the smaller latent first among equal
+  values (the package's tie rule), and a key carries its own index through the sort;
+* two descending lists A and B of length L: ``max(A[i], B[L-1-i])`` holds the L largest of
+  their union (the half-cleaner of a bitonic merge), so a merge is a sort of the new tile,
+  a flip, an elementwise max and a sort of the result.
+
+Each program writes its best K_PAD keys per row to ``partial [N, splits, K_PAD]``; the
+launcher merges the splits with one ``torch.topk`` over ``splits·K_PAD`` keys per row, so
+the extra memory is O(N·k·splits). Ties are decided on the fp32 pre-activation.
+With ``HAS_AUX`` the same tiles also feed a second list restricted to dead latents (AuxK).
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .sparse_gather import _interpreted
+
+_KEY_MIN = -(2**63)  # no latent: below every real key
+_LOW_MASK = 0xFFFFFFFF
+
+
+@triton.jit
+def _keys(pre, latent, valid):
+    """int64 keys ordered like (pre descending, latent ascending); invalid entries -> minimum."""
+    bits = pre.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
+    low = 4294967295 - latent.to(tl.int64)
+    key = (ordered.to(tl.int64) << 32) | low
+    return tl.where(valid, key, -9223372036854775808)
+
+
+@triton.jit
+def _merge(best, tile_keys):
+    """The BLOCK_M largest keys of best ∪ tile, sorted descending (best already sorted)."""
+    tile_sorted = tl.sort(tile_keys, dim=1, descending=True)
+    return tl.sort(tl.maximum(best, tl.flip(tile_sorted, dim=1)), dim=1, descending=True)
+
+
+@triton.jit
+def _topk_partial_kernel(
+    x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, dead_ptr, part_ptr, aux_part_ptr,
+    n_rows, d, m, latents_per_split,
+    stride_xn, stride_xd, stride_wm, stride_wd,
+    HAS_B_ENC: tl.constexpr, HAS_B_DEC: tl.constexpr, HAS_AUX: tl.constexpr,
+    K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_rows
+    lat_begin = split * latents_per_split
+    lat_end = tl.minimum(lat_begin + latents_per_split, m)
+
+    best = tl.full([BLOCK_N, BLOCK_M], -9223372036854775808, tl.int64)
+    aux_best = tl.full([BLOCK_N, BLOCK_M], -9223372036854775808, tl.int64)
+    for m0 in range(lat_begin, lat_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < lat_end
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < d
+            xt = tl.load(x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + offs_d[None, :] * stride_xd,
+                         mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            if HAS_B_DEC:
+                xt -= tl.load(b_dec_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+                xt = tl.where(mask_n[:, None] & mask_d[None, :], xt, 0.0)
+            wt = tl.load(w_ptr + offs_m[None, :].to(tl.int64) * stride_wm + offs_d[:, None] * stride_wd,
+                         mask=mask_m[None, :] & mask_d[:, None], other=0.0)
+            # Operands in the weights' dtype (bf16/fp16 tensor cores); fp32 accumulation.
+            acc += tl.dot(xt.to(wt.dtype), wt, out_dtype=tl.float32)
+        if HAS_B_ENC:
+            acc += tl.load(b_enc_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[None, :]
+        valid = mask_n[:, None] & mask_m[None, :]
+        keys = _keys(acc, offs_m[None, :], valid)
+        best = _merge(best, keys)
+        if HAS_AUX:
+            dead = tl.load(dead_ptr + offs_m, mask=mask_m, other=0) != 0
+            aux_best = _merge(aux_best, tl.where(dead[None, :], keys, -9223372036854775808))
+
+    cols = tl.arange(0, BLOCK_M)
+    out_offs = (offs_n[:, None].to(tl.int64) * n_splits + split) * K_PAD + cols[None, :]
+    out_mask = mask_n[:, None] & (cols[None, :] < K_PAD)
+    tl.store(part_ptr + out_offs, best, mask=out_mask)
+    if HAS_AUX:
+        tl.store(aux_part_ptr + out_offs, aux_best, mask=out_mask)
+
+
+def _decode_keys(keys: torch.Tensor, k: int):
+    """Top-k of int64 keys per row -> (fp32 pre, int64 latent, valid mask)."""
+    top = torch.topk(keys, k, dim=1, sorted=True).values
+    valid = top != _KEY_MIN
+    latent = _LOW_MASK - (top & _LOW_MASK)
+    ordered = (top >> 32).to(torch.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    pre = bits.view(torch.float32)
+    return pre, latent.masked_fill(~valid, 0), valid
+
+
+def _tile_config(k_pad: int, elem_size: int):
+    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps) on a GPU. The running lists are BLOCK_N x BLOCK_M
+    int64 keys in registers: the sizes below are the largest that `sae-fast kernel-report`
+    compiles without spills for sm_80 and sm_90 (bf16/fp16 with wgmma on sm_90)."""
+    block_m = max(k_pad, 64)
+    keys_per_program = 64 * 64 if elem_size <= 2 else 32 * 64
+    block_n = max(16, keys_per_program // block_m)
+    block_d = 64 if elem_size <= 2 else 32
+    return block_n, block_m, block_d, 8
+
+
+def _config(n: int, m: int, k_pad: int, elem_size: int, interpreted: bool):
+    if interpreted:  # one small config: the interpreter runs programs one by one in numpy
+        return 16, max(k_pad, 16), 32, 4, 1
+    block_n, block_m, block_d, warps = _tile_config(k_pad, elem_size)
+    n_blocks = triton.cdiv(n, block_n)
+    # Enough programs to fill the GPU, each with at least a few latent tiles.
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    splits = max(1, min(triton.cdiv(m, 4 * block_m), triton.cdiv(2 * sms, n_blocks)))
+    return block_n, block_m, block_d, warps, splits
+
+
+def topk_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: Optional[torch.Tensor],
+    b_dec: Optional[torch.Tensor],
+    k: int,
+    dead_mask: Optional[torch.Tensor] = None,
+    k_aux: int = 0,
+    *,
+    splits: Optional[int] = None,
+):
+    """(pre [N, k], indices [N, k] int64, aux_pre [N, k_aux], aux_indices [N, k_aux]), pre in
+    x's dtype; aux slots beyond the number of dead latents hold 0 / index 0. ``splits``
+    overrides the number of latent splits (tests of the cross-split merge)."""
+    n, d = x.shape
+    m = W_enc.shape[0]
+    has_aux = dead_mask is not None and k_aux > 0
+    k_pad = triton.next_power_of_2(max(k, k_aux if has_aux else 1))
+    block_n, block_m, block_d, num_warps, auto_splits = _config(n, m, k_pad, W_enc.element_size(), _interpreted())
+    splits = splits or auto_splits
+    latents_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
+    splits = triton.cdiv(m, latents_per_split)
+    part = torch.empty((n, splits, k_pad), device=x.device, dtype=torch.int64)
+    aux_part = torch.empty_like(part) if has_aux else part
+    dead = dead_mask.to(torch.int8) if has_aux else part
+    grid = (triton.cdiv(n, block_n), splits)
+    with torch.cuda.device(x.device) if x.is_cuda else _Null():
+        _topk_partial_kernel[grid](
+            x, W_enc, b_enc if b_enc is not None else x, b_dec if b_dec is not None else x, dead, part, aux_part,
+            n, d, m, latents_per_split,
+            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
+            HAS_B_ENC=b_enc is not None, HAS_B_DEC=b_dec is not None, HAS_AUX=has_aux,
+            K_PAD=k_pad, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+    pre, idx, _ = _decode_keys(part.view(n, -1), k)
+    pre = pre.to(x.dtype)
+    if not has_aux:
+        return pre, idx, x.new_zeros((n, 0)), idx.new_zeros((n, 0))
+    aux_pre, aux_idx, valid = _decode_keys(aux_part.view(n, -1), k_aux)
+    return pre, idx, aux_pre.masked_fill(~valid, 0).to(x.dtype), aux_idx
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def launch_specs() -> list:
+    """Launch configurations for the static kernel report (see sparse_gather.launch_specs)."""
+    specs = []
+    for dt, elem in (("bf16", 2), ("fp32", 4)):
+        for k_pad in (64, 128):
+            for has_aux in (False, True):
+                block_n, block_m, block_d, warps = _tile_config(k_pad, elem)
+                specs.append(dict(
+                    name=f"topk_partial[{dt},k<={k_pad}{',aux' if has_aux else ''}]",
+                    kernel=_topk_partial_kernel,
+                    types=dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_enc_ptr=f"*{dt}", b_dec_ptr=f"*{dt}", dead_ptr="*i8",
+                               part_ptr="*i64", aux_part_ptr="*i64", n_rows="i32", d="i32", m="i32",
+                               latents_per_split="i32", stride_xn="i64", stride_xd="i64", stride_wm="i64",
+                               stride_wd="i64"),
+                    constexprs=dict(HAS_B_ENC=True, HAS_B_DEC=True, HAS_AUX=has_aux, K_PAD=k_pad,
+                                    BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d),
+                    num_warps=warps, matmul=dt == "bf16", allow=_untuned_allowances(dt, k_pad, has_aux),
+                ))
+    return specs
+
+
+def _untuned_allowances(dt: str, k_pad: int, has_aux: bool) -> dict:
+    """What the kernel report tolerates for now, and why (issue 4: tune on a GPU)."""
+    allow = {}
+    if has_aux or k_pad > 64:
+        allow["spills"] = ("two running key lists (AuxK) or 128-wide lists of int64 keys per row exceed "
+                           "255 registers at this tile size; correct (interpreter and reference tests), "
+                           "spills go to L1; to be tuned against timings on a GPU")
+    if dt == "bf16" and k_pad > 64:
+        allow["no_wgmma"] = ("BLOCK_N=32 keeps the 128-wide lists in registers but is below wgmma's "
+                             "64-row tile, so sm_90 uses mma.sync; to be tuned on a GPU")
+    return allow
