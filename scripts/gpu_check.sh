@@ -33,6 +33,7 @@ step kernel-report kernel_report.log $PY -m sae_fast.kernel_report --csrc --json
 step regression regression.log $PY -m pytest tests/test_benchmark_regression.py -q -p no:cacheprovider \
   --benchmark-json="$RESULTS/regression.json"
 step bench bench.log $PY benchmarks/bench_sparse_decode.py $BENCH_ARGS --out "$RESULTS/sparse_decode.jsonl"
+step bench-topk bench_topk.log $PY benchmarks/bench_topk_encode.py $BENCH_ARGS --out "$RESULTS/topk_encode.jsonl"
 tail -n 40 "$RESULTS/bench.log"
 if [ ${#failures[@]} -gt 0 ]; then echo "gpu_check: FAILED: ${failures[*]}"; exit 1; fi
 echo "gpu_check: all steps passed; results in $RESULTS"

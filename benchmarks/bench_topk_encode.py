@@ -1,0 +1,104 @@
+"""Benchmark TopK encoding: values, indices = topk((x - b_dec) @ W_encᵀ + b_enc, k).
+
+    python benchmarks/bench_topk_encode.py [--quick] [--out PATH]
+
+Providers: ``gemm_only`` (the cuBLAS GEMM alone: the floor a fused kernel is measured
+against), ``torch_linear_topk`` (F.linear + topk, what most SAE code does), ``sae_fast``
+(the default backend: fused Triton selection, sparse backward). Modes fwd / bwd / fwd+bwd
+(backward to x, W_enc, b_enc through the selected values). Rows carry FLOPs (2·N·M·d per
+GEMM-sized pass) and peak memory: the fused op's should not grow with M beyond the weights.
+Not yet run on a GPU (written after the session's GPU time was spent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from . import harness
+except ImportError:
+    import harness
+
+OP = "topk_encode"
+MAIN = {"N": 16384, "d": 2304, "M": 131072, "k": 64}
+SWEEP = {"M": [65536, 262144, 1048576], "k": [32, 128]}
+MODES = ("fwd", "bwd", "fwd+bwd")
+PROVIDERS = ("gemm_only", "torch_linear_topk", "sae_fast")
+
+
+def shape_plan(quick: bool) -> list[dict]:
+    if quick:
+        return [dict(MAIN)]
+    return [dict(MAIN)] + [{**MAIN, key: v} for key, vs in SWEEP.items() for v in vs]
+
+
+def provider_fn(name: str):
+    if name == "gemm_only":
+        return lambda x, W, b, k: F.linear(x, W, b)
+    if name == "torch_linear_topk":
+        return lambda x, W, b, k: torch.topk(F.linear(x, W, b), k, dim=1, sorted=False).values.relu()
+    if name == "sae_fast":
+        try:
+            import sae_fast
+        except ImportError:
+            sys.path.insert(0, str(harness.REPO_ROOT))
+            import sae_fast
+        return lambda x, W, b, k: sae_fast.topk_encode(x, W, b, k).values
+    raise ValueError(f"unknown provider {name!r}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--providers", default=",".join(PROVIDERS))
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--list", action="store_true", help="print the planned shapes and exit")
+    args = p.parse_args(argv)
+    shapes = shape_plan(args.quick)
+    if args.list:
+        for s in shapes:
+            print(harness.shape_str(s))
+        return []
+    harness.require_cuda()
+    peaks = harness.measure_peaks()
+    rows = []
+    for shape in shapes:
+        N, d, M, k = shape["N"], shape["d"], shape["M"], shape["k"]
+        torch.manual_seed(0)
+        x = torch.randn(N, d, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        W = (torch.randn(M, d, device="cuda") * d**-0.5).to(torch.bfloat16).requires_grad_()
+        b = torch.zeros(M, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        gemm_flops = 2 * N * M * d
+        for name in args.providers.split(","):
+            fn = provider_fn(name)
+            for mode in args.modes.split(","):
+                try:
+                    if mode == "fwd":
+                        timing = harness.bench(lambda: fn(x, W, b, k))
+                        flops = gemm_flops
+                    else:
+                        out = fn(x, W, b, k)
+                        grad = torch.randn_like(out)
+                        if mode == "bwd":
+                            timing = harness.bench(lambda: out.backward(grad, retain_graph=True), grad_to_none=[x, W, b])
+                        else:
+                            timing = harness.bench(lambda: fn(x, W, b, k).backward(grad), grad_to_none=[x, W, b])
+                        # dense backward: two more GEMMs; the sparse one touches N·k·d per product
+                        flops = gemm_flops * (3 if name != "sae_fast" else 1) if mode == "fwd+bwd" else None
+                    rows.append(harness.make_row(OP, name, mode, shape, "bf16", timing=timing, flops=flops,
+                                                 bytes=(N * d + M * d) * 2, peaks=peaks))
+                except torch.OutOfMemoryError as e:
+                    rows.append(harness.make_row(OP, name, mode, shape, "bf16", note=f"OOM: {str(e)[:60]}"))
+                torch.cuda.empty_cache()
+    harness.append_results(rows, args.out)
+    harness.print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    harness.run_cli(main)
