@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_gather import _interpreted
+from .sparse_gather import _device_ctx, _interpreted
 
 _KEY_MIN = -(2**63)  # no latent: below every real key
 _LOW_MASK = 0xFFFFFFFF
@@ -156,7 +156,7 @@ def topk_encode(
     aux_part = torch.empty_like(part) if has_aux else part
     dead = dead_mask.to(torch.int8) if has_aux else part
     grid = (triton.cdiv(n, block_n), splits)
-    with torch.cuda.device(x.device) if x.is_cuda else _Null():
+    with _device_ctx(x):
         _topk_partial_kernel[grid](
             x, W_enc, b_enc if b_enc is not None else x, b_dec if b_dec is not None else x, dead, part, aux_part,
             n, d, m, latents_per_split,
@@ -171,14 +171,6 @@ def topk_encode(
         return pre, idx, x.new_zeros((n, 0)), idx.new_zeros((n, 0))
     aux_pre, aux_idx, valid = _decode_keys(aux_part.view(n, -1), k_aux)
     return pre, idx, aux_pre.masked_fill(~valid, 0).to(x.dtype), aux_idx
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def launch_specs() -> list:
