@@ -21,7 +21,7 @@ def test_package_triton_kernels_are_healthy():
     assert {h.arch for h in results} == {80, 90}
     for h in results:
         assert h.registers > 0, f"{h.name}: no ptxas report parsed"
-        if h.name.startswith("topk_partial[bf16") and h.arch == 90:
+        if h.name.startswith("topk_partial[bf16,k<=64") and h.arch == 90:
             assert h.wgmma, f"{h.name}: the fused encoder GEMM must use wgmma on sm_90"
     bad = [(h.name, h.arch, h.problems) for h in results if not h.ok]
     assert not bad, f"kernels with spills or too much shared memory: {bad}"
