@@ -79,6 +79,8 @@ def _topk_partial_kernel(
             wt = tl.load(w_ptr + offs_m[None, :].to(tl.int64) * stride_wm + offs_d[:, None] * stride_wd,
                          mask=mask_m[None, :] & mask_d[:, None], other=0.0)
             # Operands in the weights' dtype (bf16/fp16 tensor cores); fp32 accumulation.
+            # Known gap: fp32 operands use Triton's default tf32 on GPUs (~1e-3 relative),
+            # not IEEE fp32; selection of near-ties can differ from an fp32 matmul.
             acc += tl.dot(xt.to(wt.dtype), wt, out_dtype=tl.float32)
         if HAS_B_ENC:
             acc += tl.load(b_enc_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[None, :]
