@@ -143,14 +143,18 @@ def _int_inputs(n, d, m, device, negative_rows=False):
 @pytest.mark.parametrize("backend,device", TRITON_DEVICES)
 @pytest.mark.parametrize("n,d,m,k,splits", [(19, 37, 70, 5, None), (5, 9, 33, 33, None), (17, 20, 101, 1, 3),
                                             (9, 50, 200, 20, 4), (3, 7, 40, 8, 2)])
-def test_fused_kernel_matches_reference_exactly(backend, device, n, d, m, k, splits):
+@pytest.mark.parametrize("sort_above", [None, 0, 10**6], ids=["default", "always-sort", "never-sort"])
+def test_fused_kernel_matches_reference_exactly(backend, device, n, d, m, k, splits, sort_above):
+    """Both ways of folding a tile into the running list (a sort-merge, or candidate by
+    candidate) must select exactly what the reference selects."""
     from sae_fast.triton_kernels import topk_encode as fused
 
     x, W, b_enc, b_dec = _int_inputs(n, d, m, device, negative_rows=True)
     dead = torch.rand(m, generator=torch.Generator().manual_seed(4)) < 0.15
     dead = dead.to(device)
     k_aux = min(6, m)
-    got = fused.topk_encode(x, W, b_enc, b_dec, k, dead, k_aux, splits=splits)
+    config = None if sort_above is None else dict(sort_above=sort_above)
+    got = fused.topk_encode(x, W, b_enc, b_dec, k, dead, k_aux, splits=splits, config=config)
     want = topk_encode_op(x.cpu(), W.cpu(), b_enc.cpu(), b_dec.cpu(), dead.cpu(), k, k_aux, "reference")
     for name, a, b in zip(("pre", "indices", "aux_pre", "aux_indices"), got, want):
         assert torch.equal(a.cpu(), b), name
@@ -165,6 +169,24 @@ def test_fused_kernel_strided_weight_and_no_biases(backend, device):
     Wt = W.T.contiguous().T  # [M, d] view of a [d, M] storage
     got = fused.topk_encode(x, Wt, None, None, 7, splits=2)
     want = topk_encode_op(x.cpu(), W.cpu(), None, None, None, 7, 0, "reference")
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@pytest.mark.parametrize("backend,device", TRITON_DEVICES)
+@pytest.mark.parametrize("order", ["ascending", "descending"])
+def test_fused_kernel_monotone_latent_order(backend, device, order):
+    """pre rising with the latent id makes every tile's entries all candidates (the worst
+    case for the running list); falling, none after the first tile."""
+    from sae_fast.triton_kernels import topk_encode as fused
+
+    n, d, m, k = 6, 3, 150, 9
+    x = torch.ones(n, d, device=device)
+    x[:, 0] = torch.arange(1, n + 1, device=device)
+    ramp = torch.arange(m, device=device, dtype=torch.float32)
+    W = torch.zeros(m, d, device=device)
+    W[:, 0] = ramp if order == "ascending" else -ramp
+    got = fused.topk_encode(x, W, None, None, k)
+    want = topk_encode_op(x.cpu(), W.cpu(), None, None, None, k, 0, "reference")
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
 
 

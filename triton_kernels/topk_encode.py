@@ -6,15 +6,22 @@ the BLOCK_M best entries per row:
 
 * every entry becomes one int64 key, ``orderable(pre) << 32 | (2³² - 1 - latent)``, so a
   descending key order is descending ``pre`` with the smaller latent first among equal
-  values (the package's tie rule), and a key carries its own index through the sort;
-* two descending lists A and B of length L: ``max(A[i], B[L-1-i])`` holds the L largest of
-  their union (the half-cleaner of a bitonic merge), so a merge is a sort of the new tile,
-  a flip, an elementwise max and a sort of the result.
+  values (the package's tie rule), keys are distinct, and a key carries its own index;
+* the running list is kept *unsorted*; only its minimum (the row's current threshold)
+  matters. Once a few tiles are in, almost every new entry is below the threshold (a row
+  sees about k·ln(M/k) insertions over all M latents), so a tile is folded by extracting its
+  few candidates one round at a time (row max, replace the row minimum): a handful of
+  reductions instead of a sort. A tile with many candidates (the first ones, or adversarial
+  orders) is merged with two bitonic sorts instead: the best list descending against the
+  tile ascending, elementwise max = the BLOCK_M largest of the union (a bitonic half-cleaner).
+* empty slots hold distinct sentinel keys just above ``KEY_MIN``, below every real key, so
+  "replace the minimum" never duplicates an entry.
 
-Each program writes its best K_PAD keys per row to ``partial [N, splits, K_PAD]``; the
-launcher merges the splits with one ``torch.topk`` over ``splits·K_PAD`` keys per row, so
-the extra memory is O(N·k·splits). Ties are decided on the fp32 pre-activation.
-With ``HAS_AUX`` the same tiles also feed a second list restricted to dead latents (AuxK).
+Each program sorts its list once at the end and writes the best K_PAD keys per row to
+``partial [N, splits, K_PAD]``; the launcher merges the splits with one ``torch.topk`` over
+``splits·K_PAD`` keys per row, so the extra memory is O(N·k·splits). Ties are decided on
+the fp32 pre-activation. With ``HAS_AUX`` the same tiles also feed a second list
+restricted to dead latents (AuxK).
 """
 
 from typing import Optional
@@ -25,13 +32,14 @@ import triton.language as tl
 
 from .sparse_gather import _device_ctx, _interpreted
 
-_KEY_MIN = -(2**63)  # no latent: below every real key
+_KEY_MIN = -(2**63)  # "no candidate": below every sentinel and every real key
+_SENTINEL_CEIL = _KEY_MIN + 2**20  # empty-slot sentinels are _KEY_MIN + 1 + slot, below this
 _LOW_MASK = 0xFFFFFFFF
 
 
 @triton.jit
 def _keys(pre, latent, valid):
-    """int64 keys ordered like (pre descending, latent ascending); invalid entries -> minimum."""
+    """int64 keys ordered like (pre descending, latent ascending); invalid entries -> KEY_MIN."""
     bits = pre.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
     low = 4294967295 - latent.to(tl.int64)
@@ -40,10 +48,22 @@ def _keys(pre, latent, valid):
 
 
 @triton.jit
-def _merge(best, tile_keys):
-    """The BLOCK_M largest keys of best ∪ tile, sorted descending (best already sorted)."""
-    tile_sorted = tl.sort(tile_keys, dim=1, descending=True)
-    return tl.sort(tl.maximum(best, tl.flip(tile_sorted, dim=1)), dim=1, descending=True)
+def _fold(best, keys, SORT_ABOVE: tl.constexpr):
+    """best ∪ keys -> the BLOCK_M largest, unsorted. best: distinct keys (sentinels for empty
+    slots); keys: this tile's keys, KEY_MIN where invalid."""
+    thresh = tl.min(best, axis=1)
+    cand = tl.where(keys > thresh[:, None], keys, -9223372036854775808)
+    need = tl.max(tl.sum((cand != -9223372036854775808).to(tl.int32), axis=1), axis=0)
+    if need > SORT_ABOVE:
+        best = tl.maximum(tl.sort(best, dim=1, descending=True), tl.sort(cand, dim=1))
+    else:
+        for _ in range(need):
+            c = tl.max(cand, axis=1)
+            replace = (best == thresh[:, None]) & (c > thresh)[:, None]
+            best = tl.where(replace, c[:, None], best)
+            cand = tl.where(cand == c[:, None], -9223372036854775808, cand)
+            thresh = tl.min(best, axis=1)
+    return best
 
 
 @triton.jit
@@ -53,6 +73,7 @@ def _topk_partial_kernel(
     stride_xn, stride_xd, stride_wm, stride_wd,
     HAS_B_ENC: tl.constexpr, HAS_B_DEC: tl.constexpr, HAS_AUX: tl.constexpr,
     K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    SORT_ABOVE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -62,47 +83,47 @@ def _topk_partial_kernel(
     lat_begin = split * latents_per_split
     lat_end = tl.minimum(lat_begin + latents_per_split, m)
 
-    best = tl.full([BLOCK_N, BLOCK_M], -9223372036854775808, tl.int64)
-    aux_best = tl.full([BLOCK_N, BLOCK_M], -9223372036854775808, tl.int64)
+    cols = tl.arange(0, BLOCK_M)
+    sentinels = cols.to(tl.int64) - 9223372036854775807  # KEY_MIN + 1 + slot: distinct
+    best = tl.broadcast_to(sentinels[None, :], [BLOCK_N, BLOCK_M])
+    aux_best = best
     for m0 in range(lat_begin, lat_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_m = m0 + cols
         mask_m = offs_m < lat_end
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for d0 in range(0, d, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < d
             xt = tl.load(x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + offs_d[None, :] * stride_xd,
-                         mask=mask_n[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
             if HAS_B_DEC:
-                xt -= tl.load(b_dec_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+                xt = xt.to(tl.float32) - tl.load(b_dec_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
                 xt = tl.where(mask_n[:, None] & mask_d[None, :], xt, 0.0)
             wt = tl.load(w_ptr + offs_m[None, :].to(tl.int64) * stride_wm + offs_d[:, None] * stride_wd,
                          mask=mask_m[None, :] & mask_d[:, None], other=0.0)
-            # Operands in the weights' dtype (bf16/fp16 tensor cores); fp32 accumulation.
-            # Known gap: fp32 operands use Triton's default tf32 on GPUs (~1e-3 relative),
-            # not IEEE fp32; selection of near-ties can differ from an fp32 matmul.
-            acc += tl.dot(xt.to(wt.dtype), wt, out_dtype=tl.float32)
+            # Operands in the weights' dtype (bf16/fp16 tensor cores; fp32 as IEEE fp32, not
+            # tf32, so near-ties select like an fp32 matmul); fp32 accumulation.
+            acc += tl.dot(xt.to(wt.dtype), wt, out_dtype=tl.float32, input_precision=INPUT_PRECISION)
         if HAS_B_ENC:
             acc += tl.load(b_enc_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[None, :]
         valid = mask_n[:, None] & mask_m[None, :]
         keys = _keys(acc, offs_m[None, :], valid)
-        best = _merge(best, keys)
+        best = _fold(best, keys, SORT_ABOVE)
         if HAS_AUX:
             dead = tl.load(dead_ptr + offs_m, mask=mask_m, other=0) != 0
-            aux_best = _merge(aux_best, tl.where(dead[None, :], keys, -9223372036854775808))
+            aux_best = _fold(aux_best, tl.where(dead[None, :], keys, -9223372036854775808), SORT_ABOVE)
 
-    cols = tl.arange(0, BLOCK_M)
     out_offs = (offs_n[:, None].to(tl.int64) * n_splits + split) * K_PAD + cols[None, :]
     out_mask = mask_n[:, None] & (cols[None, :] < K_PAD)
-    tl.store(part_ptr + out_offs, best, mask=out_mask)
+    tl.store(part_ptr + out_offs, tl.sort(best, dim=1, descending=True), mask=out_mask)
     if HAS_AUX:
-        tl.store(aux_part_ptr + out_offs, aux_best, mask=out_mask)
+        tl.store(aux_part_ptr + out_offs, tl.sort(aux_best, dim=1, descending=True), mask=out_mask)
 
 
 def _decode_keys(keys: torch.Tensor, k: int):
     """Top-k of int64 keys per row -> (fp32 pre, int64 latent, valid mask)."""
     top = torch.topk(keys, k, dim=1, sorted=True).values
-    valid = top != _KEY_MIN
+    valid = top > _SENTINEL_CEIL
     latent = _LOW_MASK - (top & _LOW_MASK)
     ordered = (top >> 32).to(torch.int32)
     bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
@@ -111,25 +132,29 @@ def _decode_keys(keys: torch.Tensor, k: int):
 
 
 def _tile_config(k_pad: int, elem_size: int):
-    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps) on a GPU. The running lists are BLOCK_N x BLOCK_M
-    int64 keys in registers: the sizes below are the largest that `sae-fast kernel-report`
-    compiles without spills for sm_80 and sm_90 (bf16/fp16 with wgmma on sm_90)."""
+    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages) on a GPU. The running lists are
+    BLOCK_N x BLOCK_M int64 keys in registers."""
     block_m = max(k_pad, 64)
-    keys_per_program = 64 * 64 if elem_size <= 2 else 32 * 64
-    block_n = max(16, keys_per_program // block_m)
-    block_d = 64 if elem_size <= 2 else 32
-    return block_n, block_m, block_d, 8
+    if elem_size <= 2:
+        return max(16, 64 * 64 // block_m), block_m, 64, 8 if block_m <= 64 else 8, 3
+    return max(16, 32 * 64 // block_m), block_m, 32, 8, 3
+
+
+# Tiles with more candidates than this are merged by sorting rather than round by round.
+_SORT_ABOVE = 16
 
 
 def _config(n: int, m: int, k_pad: int, elem_size: int, interpreted: bool):
     if interpreted:  # one small config: the interpreter runs programs one by one in numpy
-        return 16, max(k_pad, 16), 32, 4, 1
-    block_n, block_m, block_d, warps = _tile_config(k_pad, elem_size)
+        return dict(block_n=16, block_m=max(k_pad, 16), block_d=32, warps=4, stages=1, splits=1,
+                    sort_above=_SORT_ABOVE)
+    block_n, block_m, block_d, warps, stages = _tile_config(k_pad, elem_size)
     n_blocks = triton.cdiv(n, block_n)
     # Enough programs to fill the GPU, each with at least a few latent tiles.
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     splits = max(1, min(triton.cdiv(m, 4 * block_m), triton.cdiv(2 * sms, n_blocks)))
-    return block_n, block_m, block_d, warps, splits
+    return dict(block_n=block_n, block_m=block_m, block_d=block_d, warps=warps, stages=stages, splits=splits,
+                sort_above=_SORT_ABOVE)
 
 
 def topk_encode(
@@ -142,30 +167,36 @@ def topk_encode(
     k_aux: int = 0,
     *,
     splits: Optional[int] = None,
+    config: Optional[dict] = None,
 ):
     """(pre [N, k], indices [N, k] int64, aux_pre [N, k_aux], aux_indices [N, k_aux]), pre in
     x's dtype; aux slots beyond the number of dead latents hold 0 / index 0. ``splits``
-    overrides the number of latent splits (tests of the cross-split merge)."""
+    overrides the number of latent splits (tests of the cross-split merge); ``config``
+    overrides launch parameters (benchmarks/tune_topk_encode.py)."""
     n, d = x.shape
     m = W_enc.shape[0]
     has_aux = dead_mask is not None and k_aux > 0
     k_pad = triton.next_power_of_2(max(k, k_aux if has_aux else 1))
-    block_n, block_m, block_d, num_warps, auto_splits = _config(n, m, k_pad, W_enc.element_size(), _interpreted())
-    splits = splits or auto_splits
-    latents_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
-    splits = triton.cdiv(m, latents_per_split)
-    part = torch.empty((n, splits, k_pad), device=x.device, dtype=torch.int64)
+    cfg = _config(n, m, k_pad, W_enc.element_size(), _interpreted())
+    cfg.update(config or {})
+    if splits:
+        cfg["splits"] = splits
+    block_m = max(cfg["block_m"], k_pad)
+    latents_per_split = triton.cdiv(triton.cdiv(m, cfg["splits"]), block_m) * block_m
+    n_splits = triton.cdiv(m, latents_per_split)
+    part = torch.empty((n, n_splits, k_pad), device=x.device, dtype=torch.int64)
     aux_part = torch.empty_like(part) if has_aux else part
     dead = dead_mask.to(torch.int8) if has_aux else part
-    grid = (triton.cdiv(n, block_n), splits)
+    grid = (triton.cdiv(n, cfg["block_n"]), n_splits)
     with _device_ctx(x):
         _topk_partial_kernel[grid](
             x, W_enc, b_enc if b_enc is not None else x, b_dec if b_dec is not None else x, dead, part, aux_part,
             n, d, m, latents_per_split,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
             HAS_B_ENC=b_enc is not None, HAS_B_DEC=b_dec is not None, HAS_AUX=has_aux,
-            K_PAD=k_pad, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-            num_warps=num_warps,
+            K_PAD=k_pad, BLOCK_N=cfg["block_n"], BLOCK_M=block_m, BLOCK_D=cfg["block_d"],
+            SORT_ABOVE=cfg["sort_above"], INPUT_PRECISION="ieee" if W_enc.element_size() >= 4 else "tf32",
+            num_warps=cfg["warps"], num_stages=cfg["stages"],
         )
     pre, idx, _ = _decode_keys(part.view(n, -1), k)
     pre = pre.to(x.dtype)
@@ -181,17 +212,19 @@ def launch_specs() -> list:
     for dt, elem in (("bf16", 2), ("fp32", 4)):
         for k_pad in (64, 128):
             for has_aux in (False, True):
-                block_n, block_m, block_d, warps = _tile_config(k_pad, elem)
+                block_n, block_m, block_d, warps, stages = _tile_config(k_pad, elem)
                 specs.append(dict(
                     name=f"topk_partial[{dt},k<={k_pad}{',aux' if has_aux else ''}]",
                     kernel=_topk_partial_kernel,
                     types=dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_enc_ptr=f"*{dt}", b_dec_ptr=f"*{dt}", dead_ptr="*i8",
                                part_ptr="*i64", aux_part_ptr="*i64", n_rows="i32", d="i32", m="i32",
-                               latents_per_split="i32", stride_xn="i64", stride_xd="i64", stride_wm="i64",
-                               stride_wd="i64"),
-                    constexprs=dict(HAS_B_ENC=True, HAS_B_DEC=True, HAS_AUX=has_aux, K_PAD=k_pad,
-                                    BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d),
-                    num_warps=warps, matmul=dt == "bf16", allow=_untuned_allowances(dt, k_pad, has_aux),
+                               latents_per_split="i32", stride_xn="i64", stride_wm="i64"),
+                    constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, HAS_B_DEC=True, HAS_AUX=has_aux, K_PAD=k_pad,
+                                    BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, SORT_ABOVE=_SORT_ABOVE,
+                                    INPUT_PRECISION="ieee" if elem >= 4 else "tf32"),
+                    num_warps=warps, num_stages=stages, matmul=dt == "bf16",
+                    main=dt == "bf16" and k_pad == 64 and not has_aux,
+                    allow=_untuned_allowances(dt, k_pad, has_aux),
                 ))
     return specs
 
