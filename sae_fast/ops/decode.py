@@ -48,6 +48,21 @@ def _(grad, indices, W_dec, backend):
     return grad.new_empty(indices.shape)
 
 
+def _transposed_gather_sum(grad, coef, latents, rows, num_latents, backend):
+    """out[m] = Σ over entries e with latents[e] == m of coef[e] · grad[rows[e]] (flat
+    entries): the sparseᵀ·dense product behind every weight gradient. Entries are grouped by
+    latent with a stable sort (token order kept), then one CSR gather-sum: no atomics,
+    deterministic."""
+    # Narrow keys halve the radix-sort passes; the indices were range-checked on the way in.
+    keys = latents.to(torch.int32) if num_latents <= torch.iinfo(torch.int32).max else latents
+    sorted_keys, order = torch.sort(keys, stable=True)
+    # Row m of the CSR is [first entry >= m, first entry >= m + 1). searchsorted, unlike
+    # bincount, needs no device sync (bincount reads the maximum back to size its output).
+    boundaries = torch.arange(num_latents + 1, device=latents.device, dtype=sorted_keys.dtype)
+    offsets = torch.searchsorted(sorted_keys, boundaries)
+    return _backend.kernels(backend).csr_gather_sum(coef[order], rows[order], offsets, num_latents, grad, None)
+
+
 @torch.library.custom_op("sae_fast::sparse_decode_grad_weight", mutates_args=())
 def sparse_decode_grad_weight(
     grad: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, num_latents: int, backend: str
@@ -55,23 +70,44 @@ def sparse_decode_grad_weight(
     """d(loss)/d(W_dec)[m] = sum over (n, j) with indices[n, j] == m of values[n, j] * grad[n].
 
     Rows of latents that no entry selects are zero."""
-    k = indices.shape[1]
+    k = max(indices.shape[1], 1)
     flat = indices.reshape(-1)
-    # Narrow keys halve the radix-sort passes; the indices were range-checked on the way in.
-    keys = flat.to(torch.int32) if num_latents <= torch.iinfo(torch.int32).max else flat
-    sorted_keys, order = torch.sort(keys, stable=True)  # entries grouped by latent, token order kept
-    # Row m of the CSR is [first entry >= m, first entry >= m + 1). searchsorted, unlike
-    # bincount, needs no device sync (bincount reads the maximum back to size its output).
-    boundaries = torch.arange(num_latents + 1, device=flat.device, dtype=sorted_keys.dtype)
-    offsets = torch.searchsorted(sorted_keys, boundaries)
-    token_rows = order // max(k, 1)
-    coef = values.reshape(-1)[order]
-    return _backend.kernels(backend).csr_gather_sum(coef, token_rows, offsets, num_latents, grad, None)
+    rows = torch.arange(flat.numel(), device=flat.device) // k
+    return _transposed_gather_sum(grad, values.reshape(-1), flat, rows, num_latents, backend)
 
 
 @sparse_decode_grad_weight.register_fake
 def _(grad, values, indices, num_latents, backend):
     return grad.new_empty((num_latents, grad.shape[1]))
+
+
+@torch.library.custom_op("sae_fast::csr_grad_weight", mutates_args=())
+def csr_grad_weight(
+    grad: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, num_latents: int, backend: str
+) -> torch.Tensor:
+    """The weight gradient of CSR codes (rows get different counts): out[m] = Σ over entries
+    e with indices[e] == m of values[e] · grad[rows[e]]; values, indices, rows flat [nnz]."""
+    return _transposed_gather_sum(grad, values, indices, rows, num_latents, backend)
+
+
+@csr_grad_weight.register_fake
+def _(grad, values, indices, rows, num_latents, backend):
+    return grad.new_empty((num_latents, grad.shape[1]))
+
+
+@torch.library.custom_op("sae_fast::csr_weighted_rows", mutates_args=())
+def csr_weighted_rows(
+    values: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor, W: torch.Tensor, backend: str
+) -> torch.Tensor:
+    """out[n] = Σ_{e in row n} values[e] · W[indices[e]] for CSR entries (flat [nnz],
+    row_offsets [N+1]): the input gradient of the CSR encoders (BatchTopK, JumpReLU)."""
+    num_rows = row_offsets.shape[0] - 1
+    return _backend.kernels(backend).csr_gather_sum(values.contiguous(), indices.contiguous(), row_offsets, num_rows, W, None)
+
+
+@csr_weighted_rows.register_fake
+def _(values, indices, row_offsets, W, backend):
+    return values.new_empty((row_offsets.shape[0] - 1, W.shape[1]))
 
 
 def _setup_context(ctx, inputs, output):
