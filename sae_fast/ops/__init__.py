@@ -1,6 +1,7 @@
 """torch.library registrations of every sae_fast operator (namespace ``sae_fast::``)."""
 
+from .batchtopk import BatchTopKCodes, batchtopk_encode
 from .decode import sparse_decode
 from .topk import TopKCodes, topk_encode
 
-__all__ = ["sparse_decode", "topk_encode", "TopKCodes"]
+__all__ = ["sparse_decode", "topk_encode", "TopKCodes", "batchtopk_encode", "BatchTopKCodes"]

@@ -1,0 +1,170 @@
+"""Fused encoder GEMM + threshold selection into capacity-bounded row lists.
+
+Program (row block, latent split) computes ``pre = (x - b_dec) @ W_encᵀ + b_enc`` one
+[BLOCK_N, BLOCK_M] tile at a time with ``tl.dot`` and keeps the entries with
+``pre > threshold`` and ``pre > 0`` (``relu(pre)·H(pre - θ)`` is non-zero exactly there;
+the threshold is one scalar, or one per latent for JumpReLU). Kept entries are appended to
+the row's slot of ``values / indices [N, splits, capacity]`` at positions given by a
+running count plus a prefix sum over the tile, in ascending latent order. The count keeps
+growing past the capacity: ``counts [N, splits]`` is exact even when entries did not fit,
+so the launcher detects an overflow and reruns just those rows with a capacity that fits
+(nothing is ever dropped). The [N, M] pre-activations are never written.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .sparse_gather import _device_ctx, _interpreted
+
+
+@triton.jit
+def _threshold_select_kernel(
+    x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, thr_ptr, val_ptr, idx_ptr, count_ptr,
+    n_rows, d, m, latents_per_split, capacity,
+    stride_xn, stride_xd, stride_wm, stride_wd,
+    HAS_B_ENC: tl.constexpr, HAS_B_DEC: tl.constexpr, THR_PER_LATENT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_rows
+    lat_begin = split * latents_per_split
+    lat_end = tl.minimum(lat_begin + latents_per_split, m)
+    slot = (offs_n.to(tl.int64) * n_splits + split) * capacity  # start of each row's list
+    if not THR_PER_LATENT:
+        thr_scalar = tl.load(thr_ptr).to(tl.float32)
+
+    count = tl.zeros([BLOCK_N], dtype=tl.int32)
+    for m0 in range(lat_begin, lat_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < lat_end
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < d
+            xt = tl.load(x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + offs_d[None, :] * stride_xd,
+                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            if HAS_B_DEC:
+                xt = xt.to(tl.float32) - tl.load(b_dec_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+                xt = tl.where(mask_n[:, None] & mask_d[None, :], xt, 0.0)
+            wt = tl.load(w_ptr + offs_m[None, :].to(tl.int64) * stride_wm + offs_d[:, None] * stride_wd,
+                         mask=mask_m[None, :] & mask_d[:, None], other=0.0)
+            acc += tl.dot(xt.to(wt.dtype), wt, out_dtype=tl.float32, input_precision=INPUT_PRECISION)
+        if HAS_B_ENC:
+            acc += tl.load(b_enc_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[None, :]
+        # Compare in the output dtype, as a dense computation in that dtype would.
+        pre = acc.to(val_ptr.dtype.element_ty)
+        if THR_PER_LATENT:
+            thr = tl.load(thr_ptr + offs_m, mask=mask_m, other=0.0)[None, :]
+        else:
+            thr = thr_scalar.to(val_ptr.dtype.element_ty)
+        keep = mask_n[:, None] & mask_m[None, :] & (pre > thr) & (pre > 0)
+        keep_i = keep.to(tl.int32)
+        pos = count[:, None] + tl.cumsum(keep_i, axis=1) - 1
+        store = keep & (pos < capacity)
+        tl.store(val_ptr + slot[:, None] + pos, pre, mask=store)
+        tl.store(idx_ptr + slot[:, None] + pos, offs_m[None, :] + 0 * pos, mask=store)
+        count += tl.sum(keep_i, axis=1)
+    tl.store(count_ptr + offs_n.to(tl.int64) * n_splits + split, count, mask=mask_n)
+
+
+def _tile_config(elem_size: int):
+    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps) on a GPU: a plain GEMM tile (the selection is a
+    prefix sum and two masked stores per tile)."""
+    return (64, 64, 64, 8) if elem_size <= 2 else (64, 64, 32, 8)
+
+
+def _launch(x, W_enc, b_enc, b_dec, threshold, capacity: int, splits: Optional[int]):
+    n, d = x.shape
+    m = W_enc.shape[0]
+    if _interpreted():
+        block_n, block_m, block_d, warps, auto_splits = 16, 16, 32, 4, 1
+    else:
+        block_n, block_m, block_d, warps = _tile_config(W_enc.element_size())
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        auto_splits = max(1, min(triton.cdiv(m, 4 * block_m), triton.cdiv(2 * sms, triton.cdiv(n, block_n))))
+    splits = splits or auto_splits
+    latents_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
+    splits = triton.cdiv(m, latents_per_split)
+    values = torch.empty((n, splits, capacity), device=x.device, dtype=x.dtype)
+    indices = torch.empty((n, splits, capacity), device=x.device, dtype=torch.int32)
+    counts = torch.empty((n, splits), device=x.device, dtype=torch.int32)
+    if n == 0:
+        return values, indices, counts
+    grid = (triton.cdiv(n, block_n), splits)
+    with _device_ctx(x):
+        _threshold_select_kernel[grid](
+            x, W_enc, b_enc if b_enc is not None else x, b_dec if b_dec is not None else x, threshold,
+            values, indices, counts,
+            n, d, m, latents_per_split, capacity,
+            x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
+            HAS_B_ENC=b_enc is not None, HAS_B_DEC=b_dec is not None, THR_PER_LATENT=threshold.dim() == 1,
+            BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
+            INPUT_PRECISION="ieee" if W_enc.element_size() >= 4 else "tf32", num_warps=warps,
+        )
+    return values, indices, counts
+
+
+def _compact(values, indices, counts, rows: Optional[torch.Tensor] = None):
+    """Flat (values, int64 indices, row ids) of the filled slots, rows ascending."""
+    cap = values.shape[2]
+    filled = torch.arange(cap, device=values.device) < counts.clamp(max=cap).unsqueeze(-1)
+    row_ids = torch.arange(values.shape[0], device=values.device) if rows is None else rows
+    row_ids = row_ids.view(-1, 1, 1).expand_as(filled)
+    return values[filled], indices[filled].long(), row_ids[filled]
+
+
+def threshold_encode(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: Optional[torch.Tensor],
+    b_dec: Optional[torch.Tensor],
+    threshold: torch.Tensor,
+    *,
+    capacity: int = 128,
+    splits: Optional[int] = None,
+):
+    """CSR of the entries with ``pre > threshold`` and ``pre > 0``: (values [nnz] in x's dtype,
+    indices [nnz] int64 ascending within a row, row_offsets [N+1] int64). ``threshold`` is a
+    0-d tensor or one per latent [M]. ``capacity`` is the first guess of entries per row
+    and latent split; rows that overflow it are recomputed with their exact count."""
+    n = x.shape[0]
+    threshold = threshold.to(x.dtype).contiguous()
+    values, indices, counts = _launch(x, W_enc, b_enc, b_dec, threshold, capacity, splits)
+    per_row = counts.sum(1, dtype=torch.int64)
+    over = (counts > capacity).any(1)
+    vals, idx, rows = _compact(values, indices, counts.masked_fill(over.unsqueeze(1), 0))
+    if bool(over.any()):  # one sync; the common case needs no second pass
+        again = over.nonzero().view(-1)
+        # the same splits, so every row's count per split is the one just measured
+        v2, i2, c2 = _launch(x[again], W_enc, b_enc, b_dec, threshold, int(counts[again].max()), counts.shape[1])
+        vals2, idx2, rows2 = _compact(v2, i2, c2, again)
+        order = torch.sort(torch.cat([rows, rows2]), stable=True).indices
+        vals, idx = torch.cat([vals, vals2])[order], torch.cat([idx, idx2])[order]
+    row_offsets = torch.zeros(n + 1, device=x.device, dtype=torch.int64)
+    torch.cumsum(per_row, 0, out=row_offsets[1:])
+    return vals, idx, row_offsets
+
+
+def launch_specs() -> list:
+    """Launch configurations for the static kernel report (see sparse_gather.launch_specs)."""
+    specs = []
+    for dt, elem in (("bf16", 2), ("fp32", 4)):
+        for per_latent in (False, True):
+            block_n, block_m, block_d, warps = _tile_config(elem)
+            specs.append(dict(
+                name=f"threshold_select[{dt}{',per-latent' if per_latent else ''}]",
+                kernel=_threshold_select_kernel,
+                types=dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_enc_ptr=f"*{dt}", b_dec_ptr=f"*{dt}", thr_ptr=f"*{dt}",
+                           val_ptr=f"*{dt}", idx_ptr="*i32", count_ptr="*i32", n_rows="i32", d="i32", m="i32",
+                           latents_per_split="i32", capacity="i32", stride_xn="i64", stride_wm="i64"),
+                constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, HAS_B_DEC=True, THR_PER_LATENT=per_latent, BLOCK_N=block_n,
+                                BLOCK_M=block_m, BLOCK_D=block_d, INPUT_PRECISION="ieee" if elem >= 4 else "tf32"),
+                num_warps=warps, matmul=dt == "bf16", allow={}, main=dt == "bf16",
+            ))
+    return specs
