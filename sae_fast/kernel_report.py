@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 SM80_MAX_SMEM = 163 * 1024  # opt-in shared memory per block on an A100 (sm_80)
-KERNEL_MODULES = ("sparse_gather", "topk_encode")  # modules of sae_fast.triton_kernels with launch_specs()
+KERNEL_MODULES = ("sparse_gather", "topk_encode", "threshold_encode")  # modules of sae_fast.triton_kernels with launch_specs()
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -104,7 +104,7 @@ def triton_health(spec: dict, arch: int) -> KernelHealth:
     for name in fn.arg_names:
         signature[name] = "constexpr" if name in spec["constexprs"] else spec["types"][name]
     src = ASTSource(fn=fn, signature=signature, constexprs=dict(spec["constexprs"]))
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"]})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3)})
     ptx = compiled.asm["ptx"]
     gpu_name = re.search(r"^\.target (\S+)", ptx, re.M).group(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,12 +127,14 @@ def triton_health(spec: dict, arch: int) -> KernelHealth:
     return health
 
 
-def _triton_report_in_child(archs, only) -> list[KernelHealth]:
+def _triton_report_in_child(archs, only, main_only=False) -> list[KernelHealth]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "report.json"
         cmd = [sys.executable, "-m", "sae_fast.kernel_report", "--arch", ",".join(map(str, archs)), "--json", str(path)]
         if only:
             cmd += ["--only", only]
+        if main_only:
+            cmd += ["--main-only"]
         run = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
         if not path.exists():
             raise RuntimeError(f"kernel-report: the compile child failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
@@ -149,18 +151,20 @@ def _judge(h: KernelHealth) -> None:
         h.problems.append("no_wgmma")
 
 
-def triton_report(archs=(80, 90), only: Optional[str] = None) -> list[KernelHealth]:
+def triton_report(archs=(80, 90), only: Optional[str] = None, main_only: bool = False) -> list[KernelHealth]:
+    """``main_only``: just the launch configurations of the main path (bf16, no AuxK, k <=
+    64), skipping the variants marked ``main: False`` whose compiles take minutes on 2 cores."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         # Under the interpreter the kernels' @triton.jit helpers (and tl.sort & co.) are
         # interpreter objects the compiler rejects: compile in a child with it off.
-        return _triton_report_in_child(archs, only)
+        return _triton_report_in_child(archs, only, main_only)
     import importlib
 
     results = []
     for module_name in KERNEL_MODULES:
         module = importlib.import_module(f"sae_fast.triton_kernels.{module_name}")
         for spec in module.launch_specs():
-            if only and only not in spec["name"]:
+            if (only and only not in spec["name"]) or (main_only and not spec.get("main", True)):
                 continue
             for arch in archs:
                 results.append(triton_health(spec, arch))
@@ -244,9 +248,10 @@ def main(argv=None) -> int:
     p.add_argument("--csrc", action="store_true", help="also compile csrc/*.cu for sm_90 with nvcc -Xptxas -v")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--only", metavar="TEXT", help="only the Triton kernels whose name contains TEXT")
+    p.add_argument("--main-only", action="store_true", help="only the main-path launch configurations")
     args = p.parse_args(argv)
     archs = tuple(int(a) for a in args.arch.split(",") if a)
-    results = triton_report(archs, args.only)
+    results = triton_report(archs, args.only, args.main_only)
     if args.csrc:
         results += csrc_report(90)
     print_table(results)
