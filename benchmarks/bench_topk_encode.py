@@ -4,10 +4,13 @@
 
 Providers: ``gemm_only`` (the cuBLAS GEMM alone: the floor a fused kernel is measured
 against), ``torch_linear_topk`` (F.linear + topk, what most SAE code does), ``sae_fast``
-(the default backend: fused Triton selection, sparse backward). Modes fwd / bwd / fwd+bwd
+(the default backend: fused Triton selection, sparse backward), ``sparsify`` (EleutherAI
+sparsify's ``SparseCoder.encode``, its fused encoder, when the package is installed: rows say
+"not installed" otherwise), and the BatchTopK pair ``torch_batchtopk`` (F.linear, ReLU, one
+topk over the flattened batch) / ``sae_fast_batchtopk`` (exact CSR selection). Modes fwd / bwd / fwd+bwd
 (backward to x, W_enc, b_enc through the selected values). Rows carry FLOPs (2·N·M·d per
 GEMM-sized pass) and peak memory: the fused op's should not grow with M beyond the weights.
-Not yet run on a GPU (written after the session's GPU time was spent).
+Not yet run on a GPU: no GPU was lent in the sessions since it was written.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ OP = "topk_encode"
 MAIN = {"N": 16384, "d": 2304, "M": 131072, "k": 64}
 SWEEP = {"M": [65536, 262144, 1048576], "k": [32, 128]}
 MODES = ("fwd", "bwd", "fwd+bwd")
-PROVIDERS = ("gemm_only", "torch_linear_topk", "sae_fast")
+PROVIDERS = ("gemm_only", "torch_linear_topk", "sae_fast", "sparsify", "torch_batchtopk", "sae_fast_batchtopk")
 
 
 def shape_plan(quick: bool) -> list[dict]:
@@ -36,17 +39,43 @@ def shape_plan(quick: bool) -> list[dict]:
     return [dict(MAIN)] + [{**MAIN, key: v} for key, vs in SWEEP.items() for v in vs]
 
 
-def provider_fn(name: str):
+def _import_sae_fast():
+    try:
+        import sae_fast
+    except ImportError:
+        sys.path.insert(0, str(harness.REPO_ROOT))
+        import sae_fast
+    return sae_fast
+
+
+def _sparsify_encoder(x, W, b, k):
+    """sparsify's own encoder (its fused GEMM + top-k autograd function), weights shared."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    coder = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=W.shape[0], k=k), device=x.device, dtype=x.dtype)
+    coder.encoder.weight = torch.nn.Parameter(W.detach(), requires_grad=True)
+    coder.encoder.bias = torch.nn.Parameter(b.detach(), requires_grad=True)
+    return lambda x, W, b, k: coder.encode(x).top_acts
+
+
+def provider_fn(name: str, x=None, W=None, b=None, k=None):
+    if name == "sparsify":
+        return _sparsify_encoder(x, W, b, k)
+    if name == "torch_batchtopk":
+        def batch(x, W, b, k):
+            acts = F.linear(x, W, b).relu()
+            top = torch.topk(acts.flatten(), k * x.shape[0], sorted=False)
+            return top.values
+        return batch
+    if name == "sae_fast_batchtopk":
+        sae_fast = _import_sae_fast()
+        return lambda x, W, b, k: sae_fast.batchtopk_encode(x, W, b, k).values
     if name == "gemm_only":
         return lambda x, W, b, k: F.linear(x, W, b)
     if name == "torch_linear_topk":
         return lambda x, W, b, k: torch.topk(F.linear(x, W, b), k, dim=1, sorted=False).values.relu()
     if name == "sae_fast":
-        try:
-            import sae_fast
-        except ImportError:
-            sys.path.insert(0, str(harness.REPO_ROOT))
-            import sae_fast
+        sae_fast = _import_sae_fast()
         return lambda x, W, b, k: sae_fast.topk_encode(x, W, b, k).values
     raise ValueError(f"unknown provider {name!r}")
 
@@ -75,7 +104,11 @@ def main(argv=None):
         b = torch.zeros(M, device="cuda", dtype=torch.bfloat16).requires_grad_()
         gemm_flops = 2 * N * M * d
         for name in args.providers.split(","):
-            fn = provider_fn(name)
+            try:
+                fn = provider_fn(name, x, W, b, k)
+            except ImportError as e:
+                rows.append(harness.make_row(OP, name, "fwd", shape, "bf16", note=f"not installed: {e}"))
+                continue
             for mode in args.modes.split(","):
                 try:
                     if mode == "fwd":
@@ -89,7 +122,8 @@ def main(argv=None):
                         else:
                             timing = harness.bench(lambda: fn(x, W, b, k).backward(grad), grad_to_none=[x, W, b])
                         # dense backward: two more GEMMs; the sparse one touches N·k·d per product
-                        flops = gemm_flops * (3 if name != "sae_fast" else 1) if mode == "fwd+bwd" else None
+                        sparse_bwd = name.startswith("sae_fast")
+                        flops = gemm_flops * (1 if sparse_bwd else 3) if mode == "fwd+bwd" else None
                     rows.append(harness.make_row(OP, name, mode, shape, "bf16", timing=timing, flops=flops,
                                                  bytes=(N * d + M * d) * 2, peaks=peaks))
                 except torch.OutOfMemoryError as e:

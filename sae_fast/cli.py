@@ -1,7 +1,8 @@
 """``sae-fast`` command line.
 
-    sae-fast check            run every available backend of every op on an embedded
-                              problem, forward and backward, against fp64 dense math
+    sae-fast check            run every available backend of sparse decode, TopK and
+                              BatchTopK encoding on an embedded problem, forward and
+                              backward, against fp64 dense math
     sae-fast bench [--quick]  GPU benchmarks (benchmarks/ of a source checkout); without a
                               GPU says so and runs ``kernel-report`` instead
     sae-fast kernel-report [--csrc] [--arch 80,90] [--json PATH]
@@ -86,8 +87,64 @@ def _check(args) -> int:
             ok = all(e <= limit for e in errs)
             failed |= not ok
             print(f"{backend:<10} {str(dtype)[6:]:<9} {secs:9.3f}  " + " / ".join(f"{e:.1e}" for e in errs) + ("" if ok else "  FAIL"))
+    failed |= _check_encoders(device, backends)
     print("check: " + ("FAILED" if failed else "all backends agree with fp64 dense math"))
     return 1 if failed else 0
+
+
+def _check_encoders(device, backends) -> bool:
+    """TopK and BatchTopK encoding, fp32 on every backend, against a dense fp64 formulation
+    (one [N, M] matmul, stable sorts): same selection, values and gradients. Returns failed."""
+    import torch
+
+    import sae_fast
+
+    n, d, m, k = (2048, 768, 16384, 32) if device == "cuda" else (40, 96, 700, 8)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    leaves = [torch.randn(*s, generator=gen, dtype=torch.float64).to(device) for s in ((n, d), (m, d), (m,), (d,))]
+    upstream = torch.randn(n, m, generator=torch.Generator(device="cpu").manual_seed(2), dtype=torch.float64)
+
+    def dense(x, W, b_enc, b_dec):
+        pre = (x - b_dec) @ W.T + b_enc
+        order = torch.sort(pre.detach(), dim=1, descending=True, stable=True).indices[:, :k]
+        topk_mask = torch.zeros_like(pre, dtype=torch.bool).scatter_(1, order, True)
+        flat = torch.relu(pre.detach()).reshape(-1)
+        batch = torch.zeros_like(flat, dtype=torch.bool)
+        batch[torch.sort(flat, descending=True, stable=True).indices[: k * n]] = True
+        batch = batch.view_as(pre) & (pre.detach() > 0)
+        return torch.relu(pre) * topk_mask, topk_mask, torch.relu(pre) * batch, batch
+
+    def ours(x, W, b_enc, b_dec, backend):
+        t = sae_fast.topk_encode(x, W, b_enc, k, b_dec=b_dec, backend=backend)
+        rows = torch.arange(n, device=device).unsqueeze(1).expand(-1, k)
+        topk = x.new_zeros(n, m).index_put((rows, t.indices), t.values)
+        topk_mask = torch.zeros(n, m, dtype=torch.bool, device=device).index_put_((rows, t.indices), torch.tensor(True, device=device))
+        c = sae_fast.batchtopk_encode(x, W, b_enc, k, b_dec=b_dec, backend=backend)
+        crow = torch.repeat_interleave(torch.arange(n, device=device), c.row_offsets.diff())
+        batch = x.new_zeros(n, m).index_put((crow, c.indices), c.values)
+        batch_mask = torch.zeros(n, m, dtype=torch.bool, device=device).index_put_((crow, c.indices), torch.tensor(True, device=device))
+        return topk, topk_mask, batch, batch_mask
+
+    def run(fn, dtype, *extra):
+        ls = [t.to(dtype).requires_grad_() for t in leaves]
+        topk, topk_mask, batch, batch_mask = fn(*ls, *extra)
+        g1 = upstream.to(device, dtype)
+        grads = torch.autograd.grad(((topk * g1).sum() + (batch * g1.flip(0)).sum()), ls)
+        return topk.detach(), topk_mask, batch.detach(), batch_mask, grads
+
+    want = run(dense, torch.float64)
+    print(f"\ntopk_encode + batchtopk_encode check on {device}: N={n} d={d} M={m} k={k}, fp32 vs fp64 dense")
+    print(f"{'backend':<10} {'same selection':>15}  rel.err topk / batchtopk / d_x / d_W_enc / d_b_enc / d_b_dec")
+    failed = False
+    for backend in [b for b in backends if b != "fastest"] if device == "cpu" else backends:
+        got = run(ours, torch.float32, backend)
+        same = torch.equal(got[1], want[1]) and torch.equal(got[3], want[3])
+        pairs = [(got[0], want[0]), (got[2], want[2])] + list(zip(got[4], want[4]))
+        errs = [((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in pairs]
+        ok = same and all(e <= 1e-5 for e in errs)
+        failed |= not ok
+        print(f"{backend:<10} {str(same):>15}  " + " / ".join(f"{e:.1e}" for e in errs) + ("" if ok else "  FAIL"))
+    return failed
 
 
 def _kernel_report(argv) -> int:

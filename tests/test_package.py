@@ -38,7 +38,17 @@ def test_cli_entry_point(tmp_path):
     assert out == "True"
 
 
-@pytest.mark.parametrize("name", ["sparse_decode", "cuda_extension_available", "__version__"])
+def test_cli_check_main_job(capsys):
+    """The README's main job: every backend of decode and the encoders agrees with fp64."""
+    from sae_fast import cli
+
+    assert cli.main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out and "topk_encode + batchtopk_encode check" in out
+
+
+@pytest.mark.parametrize("name", ["sparse_decode", "topk_encode", "batchtopk_encode", "TopKCodes", "BatchTopKCodes",
+                                  "cuda_extension_available", "__version__"])
 def test_public_api(name):
     import sae_fast
 
