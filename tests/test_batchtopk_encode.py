@@ -150,6 +150,7 @@ def test_gradcheck():
         (dict(threshold=torch.ones(3)), ValueError, "0-d"),
         (dict(threshold="0.5"), TypeError, "threshold"),
         (dict(threshold=float("nan")), ValueError, "NaN"),
+        (dict(threshold=torch.tensor(float("nan"))), ValueError, "NaN"),
         (dict(index_dtype=torch.int16), TypeError, "index_dtype"),
     ],
 )
@@ -167,11 +168,12 @@ def test_opcheck():
     torch.library.opcheck(batchtopk_encode_op, (x, W, None, None, torch.tensor(0.3), 3, "reference"))
 
 
-def test_compile():
+@pytest.mark.parametrize("threshold", [None, 0.2, torch.tensor(0.1)], ids=["train", "float", "tensor"])
+def test_compile_fullgraph(threshold):
     g = torch.Generator().manual_seed(4)
     x, W, b = (torch.randn(*s, generator=g).requires_grad_() for s in ((6, 5), (19, 5), (19,)))
-    f = lambda x, W, b: sae_fast.batchtopk_encode(x, W, b, 3, backend="reference").values.square().sum()
-    got = torch.autograd.grad(torch.compile(f, backend="aot_eager")(x, W, b), (x, W, b))
+    f = lambda x, W, b: sae_fast.batchtopk_encode(x, W, b, 3, threshold=threshold, backend="reference").values.square().sum()
+    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(x, W, b), (x, W, b))
     want = torch.autograd.grad(f(x, W, b), (x, W, b))
     for a, c in zip(got, want):
         torch.testing.assert_close(a, c)

@@ -211,11 +211,14 @@ def batchtopk_encode(
             if threshold.dim() != 0 or not threshold.is_floating_point():
                 raise ValueError(f"{_OP}: threshold must be a 0-d float tensor, got shape {tuple(threshold.shape)} "
                                  f"{threshold.dtype}")
+            # (a NaN check reads the value back: eager only, compiled graphs stay sync-free)
+            if not torch.compiler.is_compiling() and torch.isnan(threshold):
+                raise ValueError(f"{_OP}: threshold is NaN")
             threshold = threshold.detach().to(x.device, x.dtype)
         else:
+            if threshold != threshold:
+                raise ValueError(f"{_OP}: threshold is NaN")
             threshold = torch.tensor(float(threshold), device=x.device, dtype=x.dtype)
-        if torch.isnan(threshold):
-            raise ValueError(f"{_OP}: threshold is NaN")
     _checks.check_same_device(_OP, x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
     _checks.check_same_dtype(_OP, x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
     resolved = _backend.resolve_backend(backend, x.device, x.dtype, _OP)
