@@ -237,3 +237,16 @@ def test_real_size_gpu(dtype):
         assert sure <= got <= maybe, f"row {r}"
     inf = sae_fast.batchtopk_encode(x, W, b, k, threshold=codes.threshold)
     assert inf.row_offsets[-1] < n * k  # strictly above the smallest kept value
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("threshold", [None, 1.0], ids=["train", "infer"])
+def test_strided_weight(backend, device, threshold):
+    """A [d, M] storage viewed as [M, d] (SAELens / Gemma Scope layout) selects the same."""
+    x, W, b_enc, b_dec = (t.detach() for t in _int_leaves(8, 11, 29, device, _dtype(backend)))
+    Wt = W.T.contiguous().T
+    assert not Wt.is_contiguous()
+    got = sae_fast.batchtopk_encode(x, Wt, b_enc, 3, b_dec=b_dec, threshold=threshold, backend=backend)
+    want = sae_fast.batchtopk_encode(x, W, b_enc, 3, b_dec=b_dec, threshold=threshold, backend=backend)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
