@@ -230,12 +230,16 @@ def launch_specs() -> list:
 
 
 def _untuned_allowances(dt: str, k_pad: int, has_aux: bool) -> dict:
-    """What the kernel report tolerates for now, and why (issue 4: tune on a GPU)."""
+    """What the kernel report tolerates for now, and why (measured with the report, Triton
+    3.8; issue 4: tune against GPU timings)."""
     allow = {}
-    if has_aux or k_pad > 64:
+    if dt == "bf16" and (has_aux or k_pad > 64):
         allow["spills"] = ("two running key lists (AuxK) or 128-wide lists of int64 keys per row exceed "
-                           "255 registers at this tile size; correct (interpreter and reference tests), "
-                           "spills go to L1; to be tuned against timings on a GPU")
+                           "255 registers at this tile size (sm_80 260-624 B, sm_90 0-424 B); correct "
+                           "(interpreter and reference tests), spills go to L1; to be tuned on a GPU")
+    if dt == "fp32" and k_pad == 64 and not has_aux:
+        allow["spills"] = ("ptxas caps the sm_80 build at 128 registers and spills 16 B (the sm_90 build "
+                           "is clean); fp32 is the precision path (IEEE dot), not the throughput path")
     if dt == "bf16" and k_pad > 64:
         allow["no_wgmma"] = ("BLOCK_N=32 keeps the 128-wide lists in registers but is below wgmma's "
                              "64-row tile, so sm_90 uses mma.sync; to be tuned on a GPU")
