@@ -92,6 +92,12 @@ class _FastestKernels:
 
         return cuda_registrations.gathered_dot(grad, col, src)
 
+    @staticmethod
+    def entry_dot(grad, rows, col, src):
+        from .triton_kernels import sparse_gather
+
+        return sparse_gather.entry_dot(grad, rows, col, src)
+
 
 def kernels(backend: str):
     """The module implementing the sparse-gather primitives for a resolved backend."""

@@ -86,6 +86,28 @@ def _gathered_dot_kernel(
     tl.store(out_ptr + n * stride_out_row + offs_k, total.to(out_ptr.dtype.element_ty), mask=mask_k)
 
 
+@triton.jit
+def _entry_dot_kernel(
+    grad_ptr, row_ptr, col_ptr, src_ptr, out_ptr,
+    nnz, d,
+    stride_grad_row, stride_src_row,
+    BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """out[e] = <grad[row[e]], src[col[e]]> for flat entries (CSR codes: rows differ per entry)."""
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = offs_e < nnz
+    rows = tl.load(row_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)
+    cols = tl.load(col_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)
+    acc = tl.zeros([BLOCK_E, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask = mask_e[:, None] & (offs_d < d)[None, :]
+        g = tl.load(grad_ptr + rows[:, None] * stride_grad_row + offs_d[None, :], mask=mask, other=0.0)
+        w = tl.load(src_ptr + cols[:, None] * stride_src_row + offs_d[None, :], mask=mask, other=0.0)
+        acc += g.to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + offs_e, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=mask_e)
+
+
 def _block_d(d: int, row_bytes: int, elem_size: int) -> int:
     """Columns per program: ``row_bytes`` of each gathered row, fewer when d is small."""
     return min(triton.next_power_of_2(max(d, 1)), max(16, row_bytes // elem_size))
@@ -207,6 +229,24 @@ def gathered_dot(
     return _finish(out, grad.dtype)
 
 
+def entry_dot(grad: torch.Tensor, rows: torch.Tensor, col: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """out [nnz] in grad's dtype: <grad[rows[e]], src[col[e]]> (the values gradient of CSR
+    decoding). Rows of grad and src are made unit-stride along d."""
+    nnz, d = col.numel(), grad.shape[1]
+    if nnz == 0 or d == 0:
+        return grad.new_zeros((nnz,))
+    grad = grad if grad.stride(1) == 1 else grad.contiguous()
+    src = src if src.stride(1) == 1 else src.contiguous()
+    out = _empty((nnz,), grad, grad.dtype)
+    block_d = _block_d(d, _DOT_ROW_BYTES, src.element_size())
+    with _device_ctx(src):
+        _entry_dot_kernel[(triton.cdiv(nnz, _DOT_BLOCK_K),)](
+            grad, rows.contiguous(), col.contiguous(), src, out, nnz, d, grad.stride(0), src.stride(0),
+            BLOCK_E=_DOT_BLOCK_K, BLOCK_D=block_d, num_warps=4,
+        )
+    return _finish(out, grad.dtype)
+
+
 def launch_specs() -> list:
     """The launch configurations the heuristics above produce at representative sizes, for
     the static kernel report (``sae-fast kernel-report``): compiled for sm_80 / sm_90 with
@@ -234,6 +274,14 @@ def launch_specs() -> list:
                        stride_grad_row="i64", stride_grad_col="i64", stride_col_row="i64",
                        stride_src_row="i64", stride_src_col="i64", stride_out_row="i64"),
             constexprs=dict(BLOCK_K=_DOT_BLOCK_K, BLOCK_D=_block_d(4096, _DOT_ROW_BYTES, elem)),
+            num_warps=4, allow={},
+        ))
+        specs.append(dict(
+            name=f"entry_dot[{dt}]",
+            kernel=_entry_dot_kernel,
+            types=dict(grad_ptr=f"*{dt}", row_ptr="*i64", col_ptr="*i64", src_ptr=f"*{dt}", out_ptr=f"*{dt}",
+                       nnz="i32", d="i32", stride_grad_row="i64", stride_src_row="i64"),
+            constexprs=dict(BLOCK_E=_DOT_BLOCK_K, BLOCK_D=_block_d(4096, _DOT_ROW_BYTES, elem)),
             num_warps=4, allow={},
         ))
     return specs

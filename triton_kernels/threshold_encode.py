@@ -1,9 +1,12 @@
 """Fused encoder GEMM + threshold selection into capacity-bounded row lists.
 
 Program (row block, latent split) computes ``pre = (x - b_dec) @ W_encᵀ + b_enc`` one
-[BLOCK_N, BLOCK_M] tile at a time with ``tl.dot`` and keeps the entries with
-``pre > threshold`` and ``pre > 0`` (``relu(pre)·H(pre - θ)`` is non-zero exactly there;
-the threshold is one scalar, or one per latent for JumpReLU). Kept entries are appended to
+[BLOCK_N, BLOCK_M] tile at a time with ``tl.dot`` and keeps the active entries,
+``pre > threshold`` and (with RELU) ``pre > 0`` (``relu(pre)·H(pre - θ)`` is non-zero
+exactly there; the threshold is one scalar, or one per latent for JumpReLU). With HAS_BAND
+it also keeps every entry within ``half_band`` of the threshold, active or not (JumpReLU
+training needs them for the straight-through threshold gradient); with DENSE_OUT it also
+writes the dense activations. Kept entries are appended to
 the row's slot of ``values / indices [N, splits, capacity]`` at positions given by a
 running count plus a prefix sum over the tile, in ascending latent order. The count keeps
 growing past the capacity: ``counts [N, splits]`` is exact even when entries did not fit,
@@ -22,10 +25,11 @@ from .sparse_gather import _device_ctx, _interpreted
 
 @triton.jit
 def _threshold_select_kernel(
-    x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, thr_ptr, val_ptr, idx_ptr, count_ptr,
-    n_rows, d, m, latents_per_split, capacity,
+    x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, thr_ptr, val_ptr, idx_ptr, count_ptr, dense_ptr,
+    n_rows, d, m, latents_per_split, capacity, half_band,
     stride_xn, stride_xd, stride_wm, stride_wd,
     HAS_B_ENC: tl.constexpr, HAS_B_DEC: tl.constexpr, THR_PER_LATENT: tl.constexpr,
+    RELU: tl.constexpr, HAS_BAND: tl.constexpr, DENSE_OUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -63,7 +67,17 @@ def _threshold_select_kernel(
             thr = tl.load(thr_ptr + offs_m, mask=mask_m, other=0.0)[None, :]
         else:
             thr = thr_scalar.to(val_ptr.dtype.element_ty)
-        keep = mask_n[:, None] & mask_m[None, :] & (pre > thr) & (pre > 0)
+        valid = mask_n[:, None] & mask_m[None, :]
+        active = pre > thr
+        if RELU:
+            active = active & (pre > 0)
+        active = valid & active
+        if DENSE_OUT:
+            tl.store(dense_ptr + offs_n[:, None].to(tl.int64) * m + offs_m[None, :], tl.where(active, pre, 0.0),
+                     mask=valid)
+        keep = active
+        if HAS_BAND:  # also the entries within the band around the threshold, active or not
+            keep = keep | (valid & (tl.abs(pre.to(tl.float32) - thr.to(tl.float32)) < half_band))
         keep_i = keep.to(tl.int32)
         pos = count[:, None] + tl.cumsum(keep_i, axis=1) - 1
         store = keep & (pos < capacity)
@@ -79,7 +93,8 @@ def _tile_config(elem_size: int):
     return (64, 64, 64, 8) if elem_size <= 2 else (64, 64, 32, 8)
 
 
-def _launch(x, W_enc, b_enc, b_dec, threshold, capacity: int, splits: Optional[int]):
+def _launch(x, W_enc, b_enc, b_dec, threshold, capacity: int, splits: Optional[int], relu=True, half_band=None,
+            dense=None):
     n, d = x.shape
     m = W_enc.shape[0]
     if _interpreted():
@@ -100,10 +115,11 @@ def _launch(x, W_enc, b_enc, b_dec, threshold, capacity: int, splits: Optional[i
     with _device_ctx(x):
         _threshold_select_kernel[grid](
             x, W_enc, b_enc if b_enc is not None else x, b_dec if b_dec is not None else x, threshold,
-            values, indices, counts,
-            n, d, m, latents_per_split, capacity,
+            values, indices, counts, dense if dense is not None else values,
+            n, d, m, latents_per_split, capacity, float(half_band or 0.0),
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
             HAS_B_ENC=b_enc is not None, HAS_B_DEC=b_dec is not None, THR_PER_LATENT=threshold.dim() == 1,
+            RELU=relu, HAS_BAND=half_band is not None, DENSE_OUT=dense is not None,
             BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
             INPUT_PRECISION="ieee" if W_enc.element_size() >= 4 else "tf32", num_warps=warps,
         )
@@ -128,21 +144,28 @@ def threshold_encode(
     *,
     capacity: int = 128,
     splits: Optional[int] = None,
+    relu: bool = True,
+    half_band: Optional[float] = None,
+    dense: Optional[torch.Tensor] = None,
 ):
-    """CSR of the entries with ``pre > threshold`` and ``pre > 0``: (values [nnz] in x's dtype,
-    indices [nnz] int64 ascending within a row, row_offsets [N+1] int64). ``threshold`` is a
-    0-d tensor or one per latent [M]. ``capacity`` is the first guess of entries per row
-    and latent split; rows that overflow it are recomputed with their exact count."""
+    """CSR of the entries with ``pre > threshold`` (and ``pre > 0`` when ``relu``), plus, with
+    ``half_band``, those with ``|pre - threshold| < half_band`` (fp32): (values [nnz] in x's
+    dtype, indices [nnz] int64 ascending within a row, row_offsets [N+1] int64).
+    ``threshold`` is a 0-d tensor or one per latent [M]. ``dense`` (an [N, M] contiguous
+    tensor in x's dtype) also receives every active value, zeros elsewhere. ``capacity`` is the
+    first guess of entries per row and latent split; rows that overflow it are recomputed
+    with their exact count."""
     n = x.shape[0]
     threshold = threshold.to(x.dtype).contiguous()
-    values, indices, counts = _launch(x, W_enc, b_enc, b_dec, threshold, capacity, splits)
+    values, indices, counts = _launch(x, W_enc, b_enc, b_dec, threshold, capacity, splits, relu, half_band, dense)
     per_row = counts.sum(1, dtype=torch.int64)
     over = (counts > capacity).any(1)
     vals, idx, rows = _compact(values, indices, counts.masked_fill(over.unsqueeze(1), 0))
     if bool(over.any()):  # one sync; the common case needs no second pass
         again = over.nonzero().view(-1)
         # the same splits, so every row's count per split is the one just measured
-        v2, i2, c2 = _launch(x[again], W_enc, b_enc, b_dec, threshold, int(counts[again].max()), counts.shape[1])
+        v2, i2, c2 = _launch(x[again], W_enc, b_enc, b_dec, threshold, int(counts[again].max()), counts.shape[1],
+                             relu, half_band)
         vals2, idx2, rows2 = _compact(v2, i2, c2, again)
         order = torch.sort(torch.cat([rows, rows2]), stable=True).indices
         vals, idx = torch.cat([vals, vals2])[order], torch.cat([idx, idx2])[order]
@@ -158,12 +181,14 @@ def launch_specs() -> list:
         for per_latent in (False, True):
             block_n, block_m, block_d, warps = _tile_config(elem)
             specs.append(dict(
-                name=f"threshold_select[{dt}{',per-latent' if per_latent else ''}]",
+                name=f"threshold_select[{dt}{',per-latent+band' if per_latent else ''}]",
                 kernel=_threshold_select_kernel,
                 types=dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_enc_ptr=f"*{dt}", b_dec_ptr=f"*{dt}", thr_ptr=f"*{dt}",
-                           val_ptr=f"*{dt}", idx_ptr="*i32", count_ptr="*i32", n_rows="i32", d="i32", m="i32",
-                           latents_per_split="i32", capacity="i32", stride_xn="i64", stride_wm="i64"),
-                constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, HAS_B_DEC=True, THR_PER_LATENT=per_latent, BLOCK_N=block_n,
+                           val_ptr=f"*{dt}", idx_ptr="*i32", count_ptr="*i32", dense_ptr=f"*{dt}", n_rows="i32",
+                           d="i32", m="i32", latents_per_split="i32", capacity="i32", half_band="fp32",
+                           stride_xn="i64", stride_wm="i64"),
+                constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, HAS_B_DEC=True, THR_PER_LATENT=per_latent,
+                                RELU=not per_latent, HAS_BAND=per_latent, DENSE_OUT=False, BLOCK_N=block_n,
                                 BLOCK_M=block_m, BLOCK_D=block_d, INPUT_PRECISION="ieee" if elem >= 4 else "tf32"),
                 num_warps=warps, matmul=dt == "bf16", allow={}, main=dt == "bf16",
             ))

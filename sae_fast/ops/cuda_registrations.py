@@ -39,3 +39,10 @@ def csr_gather_sum(
 
 def gathered_dot(grad: torch.Tensor, col: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return torch.ops.sae_fast.gathered_dot(grad, col, src)
+
+
+def entry_dot(grad: torch.Tensor, rows: torch.Tensor, col: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """No CUDA kernel for the per-entry dot of CSR codes (yet): the Triton one serves."""
+    from ..triton_kernels import sparse_gather
+
+    return sparse_gather.entry_dot(grad, rows, col, src)

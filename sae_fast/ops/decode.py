@@ -95,21 +95,6 @@ def _(grad, values, indices, rows, num_latents, backend):
     return grad.new_empty((num_latents, grad.shape[1]))
 
 
-@torch.library.custom_op("sae_fast::csr_weighted_rows", mutates_args=())
-def csr_weighted_rows(
-    values: torch.Tensor, indices: torch.Tensor, row_offsets: torch.Tensor, W: torch.Tensor, backend: str
-) -> torch.Tensor:
-    """out[n] = Σ_{e in row n} values[e] · W[indices[e]] for CSR entries (flat [nnz],
-    row_offsets [N+1]): the input gradient of the CSR encoders (BatchTopK, JumpReLU)."""
-    num_rows = row_offsets.shape[0] - 1
-    return _backend.kernels(backend).csr_gather_sum(values.contiguous(), indices.contiguous(), row_offsets, num_rows, W, None)
-
-
-@csr_weighted_rows.register_fake
-def _(values, indices, row_offsets, W, backend):
-    return values.new_empty((row_offsets.shape[0] - 1, W.shape[1]))
-
-
 def _setup_context(ctx, inputs, output):
     values, indices, W_dec, bias, backend, _check = inputs
     ctx.save_for_backward(values, indices, W_dec)
@@ -184,3 +169,108 @@ def sparse_decode(
         bool(check_indices),
     )
     return out.reshape(*lead, W_dec.shape[1])
+
+
+# ---- CSR codes (BatchTopK, JumpReLU): rows hold different numbers of entries.
+
+
+@torch.library.custom_op("sae_fast::sparse_decode_csr", mutates_args=())
+def sparse_decode_csr_op(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    row_offsets: torch.Tensor,
+    W_dec: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    backend: str,
+) -> torch.Tensor:
+    num_rows = row_offsets.shape[0] - 1
+    return _backend.kernels(backend).csr_gather_sum(
+        values.contiguous(), indices.contiguous(), row_offsets, num_rows, W_dec, bias
+    )
+
+
+@sparse_decode_csr_op.register_fake
+def _(values, indices, row_offsets, W_dec, bias, backend):
+    return values.new_empty((row_offsets.shape[0] - 1, W_dec.shape[1]))
+
+
+@torch.library.custom_op("sae_fast::sparse_decode_csr_grad_values", mutates_args=())
+def sparse_decode_csr_grad_values(
+    grad: torch.Tensor, rows: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor, backend: str
+) -> torch.Tensor:
+    """d(loss)/d(values)[e] = <grad[rows[e]], W_dec[indices[e]]>."""
+    return _backend.kernels(backend).entry_dot(grad, rows, indices, W_dec)
+
+
+@sparse_decode_csr_grad_values.register_fake
+def _(grad, rows, indices, W_dec, backend):
+    return grad.new_empty(indices.shape)
+
+
+def csr_rows(row_offsets: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The row of every CSR entry (no device sync: the output size is given)."""
+    n = row_offsets.shape[0] - 1
+    return torch.repeat_interleave(torch.arange(n, device=row_offsets.device), row_offsets.diff(), output_size=nnz)
+
+
+def _csr_setup_context(ctx, inputs, output):
+    values, indices, row_offsets, W_dec, bias, backend = inputs
+    ctx.save_for_backward(values, indices, row_offsets, W_dec)
+    ctx.has_bias = bias is not None
+    ctx.backend = backend
+
+
+def _csr_backward(ctx, grad):
+    values, indices, row_offsets, W_dec = ctx.saved_tensors
+    rows = csr_rows(row_offsets, indices.shape[0])
+    grad_values = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_values = sparse_decode_csr_grad_values(grad, rows, indices, W_dec, ctx.backend)
+    if ctx.needs_input_grad[3]:
+        grad_weight = csr_grad_weight(grad, values, indices, rows, W_dec.shape[0], ctx.backend)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad.sum(0, dtype=_checks.accumulation_dtype(grad.dtype)).to(grad.dtype)
+    return grad_values, None, None, grad_weight, grad_bias, None
+
+
+sparse_decode_csr_op.register_autograd(_csr_backward, setup_context=_csr_setup_context)
+
+
+def sparse_decode_csr(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    row_offsets: torch.Tensor,
+    W_dec: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    backend: Optional[str] = None,
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """Decode CSR codes (``BatchTopKCodes`` / ``JumpReLUCodes``): ``out[n] = Σ_{e in row n}
+    values[e] · W_dec[indices[e]] + bias``, rows given by ``row_offsets [N+1]``.
+
+    values [nnz] float, indices [nnz] int32/int64, row_offsets [N+1] int64 non-decreasing
+    from 0 to nnz. Differentiable with respect to values, W_dec and bias (the W_dec gradient
+    is the same deterministic segment reduction as ``sparse_decode``'s).
+    """
+    _checks.check_tensor(_OP, "values", values, dim=1, dtypes=_checks.FLOAT_DTYPES)
+    _checks.check_tensor(_OP, "indices", indices, dim=1, dtypes=_checks.INDEX_DTYPES)
+    _checks.check_tensor(_OP, "row_offsets", row_offsets, dim=1, dtypes=(torch.int64,))
+    _checks.check_tensor(_OP, "W_dec", W_dec, dim=2)
+    if indices.shape != values.shape:
+        raise ValueError(f"{_OP}: indices must have the shape of values {tuple(values.shape)}, got {tuple(indices.shape)}")
+    if row_offsets.shape[0] < 1:
+        raise ValueError(f"{_OP}: row_offsets must be [N+1], got an empty tensor")
+    if bias is not None:
+        _checks.check_tensor(_OP, "bias", bias, dim=1)
+        if bias.shape[0] != W_dec.shape[1]:
+            raise ValueError(f"{_OP}: bias must be [{W_dec.shape[1]}], got {tuple(bias.shape)}")
+    _checks.check_same_device(_OP, values=values, indices=indices, row_offsets=row_offsets, W_dec=W_dec, bias=bias)
+    _checks.check_same_dtype(_OP, values=values, W_dec=W_dec, bias=bias)
+    if check_indices and not torch.compiler.is_compiling():
+        _checks.check_index_range(_OP, "indices", indices, W_dec.shape[0])
+        ro = row_offsets
+        if ro[0] != 0 or ro[-1] != values.shape[0] or (ro.diff() < 0).any():
+            raise ValueError(f"{_OP}: row_offsets must rise from 0 to nnz={values.shape[0]}")
+    resolved = _backend.resolve_backend(backend, values.device, values.dtype, _OP)
+    return sparse_decode_csr_op(values, indices, row_offsets, W_dec, bias, resolved)

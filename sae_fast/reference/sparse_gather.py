@@ -66,3 +66,15 @@ def gathered_dot(grad: torch.Tensor, col: torch.Tensor, src: torch.Tensor) -> to
         gathered = src[col[start:stop].to(torch.int64)].to(cdt)  # [rows, k, d], bounded
         out[start:stop] = torch.einsum("rkd,rd->rk", gathered, grad[start:stop].to(cdt))
     return out.to(grad.dtype)
+
+
+def entry_dot(grad: torch.Tensor, rows: torch.Tensor, col: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """out [nnz] in grad's dtype: <grad[rows[e]], src[col[e]]>, in bounded chunks."""
+    nnz, d = col.numel(), grad.shape[1]
+    cdt = _compute_dtype(grad.dtype)
+    out = torch.empty(nnz, device=grad.device, dtype=cdt)
+    step = max(1, _CHUNK_ELEMENTS // max(1, d))
+    for start in range(0, nnz, step):
+        r, c = rows[start:start + step].long(), col[start:start + step].long()
+        out[start:start + step] = (grad[r].to(cdt) * src[c].to(cdt)).sum(1)
+    return out.to(grad.dtype)

@@ -1,7 +1,7 @@
 """Plain-torch threshold selection over the encoder pre-activations, in row chunks.
 
 Keeps the entries with ``pre > threshold`` and ``pre > 0`` (where ``relu(pre)·H(pre - θ)``
-is non-zero; ``threshold`` a scalar or one per latent), as CSR with ascending latent ids in
+is non-zero; ``threshold`` a scalar or one per latent; options as the Triton kernel's), as CSR with ascending latent ids in
 each row. ``pre`` is computed like ``topk_select`` (fp32 accumulation for half types, then
 rounded to x's dtype, which is the dtype compared), ``rows_per_chunk`` rows at a time so
 the dense block stays bounded: the CPU path of the threshold-based encoders.
@@ -19,9 +19,15 @@ def threshold_select(
     b_dec: Optional[torch.Tensor],
     threshold: torch.Tensor,
     *,
+    relu: bool = True,
+    half_band: Optional[float] = None,
+    dense: Optional[torch.Tensor] = None,
     max_chunk_elements: int = 1 << 22,
 ):
-    """(values [nnz] in x's dtype, indices [nnz] int64, row_offsets [N+1] int64)."""
+    """(values [nnz] in x's dtype, indices [nnz] int64, row_offsets [N+1] int64) of the
+    active entries (``pre > threshold``, and ``pre > 0`` when ``relu``) and, with
+    ``half_band``, of every entry with ``|pre - threshold| < half_band`` (fp32; fp64 for fp64); ``dense``
+    ([N, M]) receives the active values, zeros elsewhere (the triton kernel's options)."""
     n, m = x.shape[0], W_enc.shape[0]
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     W = W_enc.to(acc_dtype)
@@ -36,7 +42,14 @@ def threshold_select(
         if b_enc is not None:
             pre = pre + b_enc.to(acc_dtype)
         pre = pre.to(x.dtype)
-        keep = (pre > thr) & (pre > 0)
+        active = pre > thr
+        if relu:
+            active &= pre > 0
+        if dense is not None:
+            dense[r0:r0 + rows_per_chunk] = torch.where(active, pre, 0)
+        keep = active
+        if half_band is not None:
+            keep = keep | ((pre.to(acc_dtype) - thr.to(acc_dtype)).abs() < half_band)
         values.append(pre[keep])
         indices.append(keep.nonzero()[:, 1])
         counts.append(keep.sum(1))
