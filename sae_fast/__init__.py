@@ -3,7 +3,17 @@ as torch operators with autograd. Importing registers the ``sae_fast::`` ops and
 nothing else: no device queries, no compilation."""
 
 from ._backend import cuda_extension_available
-from .ops import BatchTopKCodes, TopKCodes, batchtopk_encode, sparse_decode, sparse_decode_csr, topk_encode
+from .ops import (
+    BatchTopKCodes,
+    JumpReLUCodes,
+    TopKCodes,
+    batchtopk_encode,
+    jumprelu_encode,
+    jumprelu_training_forward,
+    sparse_decode,
+    sparse_decode_csr,
+    topk_encode,
+)
 
 __version__ = "0.1.0"
-__all__ = ["sparse_decode", "sparse_decode_csr", "topk_encode", "TopKCodes", "batchtopk_encode", "BatchTopKCodes", "cuda_extension_available", "__version__"]
+__all__ = ["jumprelu_encode", "jumprelu_training_forward", "JumpReLUCodes", "sparse_decode", "sparse_decode_csr", "topk_encode", "TopKCodes", "batchtopk_encode", "BatchTopKCodes", "cuda_extension_available", "__version__"]

@@ -163,7 +163,8 @@ def _bench(args) -> int:
         print("sae-fast bench: the benchmarks/ folder of a source checkout is needed (pip install -e .)", file=sys.stderr)
         return 2
     sys.path.insert(0, str(bench_dir))
-    ops = {"sparse_decode": "bench_sparse_decode", "topk_encode": "bench_topk_encode"}
+    ops = {"sparse_decode": "bench_sparse_decode", "topk_encode": "bench_topk_encode",
+           "jumprelu_training": "bench_jumprelu"}
     chosen = [args.op] if args.op else list(ops)
     for op in chosen:
         if op not in ops:

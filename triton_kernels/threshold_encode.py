@@ -87,10 +87,13 @@ def _threshold_select_kernel(
     tl.store(count_ptr + offs_n.to(tl.int64) * n_splits + split, count, mask=mask_n)
 
 
-def _tile_config(elem_size: int):
+def _tile_config(elem_size: int, dense: bool = False):
     """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps) on a GPU: a plain GEMM tile (the selection is a
-    prefix sum and two masked stores per tile)."""
-    return (64, 64, 64, 8) if elem_size <= 2 else (64, 64, 32, 8)
+    prefix sum and masked stores per tile); the largest the kernel report compiles without
+    spills on sm_80 and sm_90 (the dense store's pointers need the smaller row block)."""
+    if elem_size <= 2:
+        return (32, 64, 64, 8) if dense else (64, 64, 64, 8)
+    return (32, 64, 32, 8) if dense else (64, 64, 32, 8)
 
 
 def _launch(x, W_enc, b_enc, b_dec, threshold, capacity: int, splits: Optional[int], relu=True, half_band=None,
@@ -100,7 +103,7 @@ def _launch(x, W_enc, b_enc, b_dec, threshold, capacity: int, splits: Optional[i
     if _interpreted():
         block_n, block_m, block_d, warps, auto_splits = 16, 16, 32, 4, 1
     else:
-        block_n, block_m, block_d, warps = _tile_config(W_enc.element_size())
+        block_n, block_m, block_d, warps = _tile_config(W_enc.element_size(), dense is not None)
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         auto_splits = max(1, min(triton.cdiv(m, 4 * block_m), triton.cdiv(2 * sms, triton.cdiv(n, block_n))))
     splits = splits or auto_splits
@@ -175,21 +178,31 @@ def threshold_encode(
 
 
 def launch_specs() -> list:
-    """Launch configurations for the static kernel report (see sparse_gather.launch_specs)."""
+    """Launch configurations for the static kernel report (see sparse_gather.launch_specs):
+    BatchTopK inference (scalar θ), JumpReLU encode (per-latent θ, CSR or dense) and the
+    JumpReLU training pass (per-latent θ, no ReLU rule, the band)."""
+    variants = {
+        "scalar": dict(THR_PER_LATENT=False, RELU=True, HAS_BAND=False, DENSE_OUT=False),
+        "per-latent": dict(THR_PER_LATENT=True, RELU=True, HAS_BAND=False, DENSE_OUT=False),
+        "per-latent,dense": dict(THR_PER_LATENT=True, RELU=True, HAS_BAND=False, DENSE_OUT=True),
+        "per-latent,band": dict(THR_PER_LATENT=True, RELU=False, HAS_BAND=True, DENSE_OUT=False),
+    }
     specs = []
     for dt, elem in (("bf16", 2), ("fp32", 4)):
-        for per_latent in (False, True):
-            block_n, block_m, block_d, warps = _tile_config(elem)
+        for variant, flags in variants.items():
+            block_n, block_m, block_d, warps = _tile_config(elem, flags["DENSE_OUT"])
             specs.append(dict(
-                name=f"threshold_select[{dt}{',per-latent+band' if per_latent else ''}]",
+                name=f"threshold_select[{dt},{variant}]",
                 kernel=_threshold_select_kernel,
                 types=dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_enc_ptr=f"*{dt}", b_dec_ptr=f"*{dt}", thr_ptr=f"*{dt}",
                            val_ptr=f"*{dt}", idx_ptr="*i32", count_ptr="*i32", dense_ptr=f"*{dt}", n_rows="i32",
                            d="i32", m="i32", latents_per_split="i32", capacity="i32", half_band="fp32",
                            stride_xn="i64", stride_wm="i64"),
-                constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, HAS_B_DEC=True, THR_PER_LATENT=per_latent,
-                                RELU=not per_latent, HAS_BAND=per_latent, DENSE_OUT=False, BLOCK_N=block_n,
+                constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, HAS_B_DEC=True, **flags, BLOCK_N=block_n,
                                 BLOCK_M=block_m, BLOCK_D=block_d, INPUT_PRECISION="ieee" if elem >= 4 else "tf32"),
-                num_warps=warps, matmul=dt == "bf16", allow={}, main=dt == "bf16",
+                num_warps=warps, matmul=dt == "bf16", main=dt == "bf16",
+                allow={"no_wgmma": "dense output (a compatibility path for callers that need [N, M]) uses "
+                                   "32-row blocks so its store pointers fit in registers (64 rows spill), "
+                                   "below wgmma's 64-row tile: sm_90 uses mma.sync"} if flags["DENSE_OUT"] else {},
             ))
     return specs
