@@ -89,22 +89,22 @@ def test_training_forward_and_every_gradient(backend, device, n, d, m, eps, appl
 
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_edge_rows_and_zero_threshold(backend, device):
-    """Row 0 all inactive, row 1 all active, θ = 0 for some latents; a transcoder d_out."""
+    """pre[n, m] = x[n, 0] + b_enc[m]: row 0 entirely inactive, row 1 entirely active, rows
+    2-3 on the θ grid; θ = 0 for a third of the latents; a transcoder (d_out = 3)."""
     n, d, m = 4, 5, 24
     leaves = _leaves(n, d, m, device, _dtype(backend), d_out=3)
-    with torch.no_grad():
-        leaves[0][0] = 0.0
-        leaves[0][1] = 0.0
-        leaves[2][:] = torch.arange(m, device=device) % 3 - 1.0  # b_enc
-        leaves[2][:] -= 10 * (torch.arange(m, device=device) >= m // 2)
-        leaves[3][: m // 3] = 0.0
     x, W_enc, b_enc, theta, W_dec, b_dec = leaves
     with torch.no_grad():
-        x[1] = 0.0
+        W_enc.zero_()
+        W_enc[:, 0] = 1.0
+        x[:, 0] = torch.tensor([-100.0, 100.0, 1.0, 2.0], device=device)
+        b_enc.copy_(torch.arange(m, device=device) % 5 - 2.0)
+        theta[: m // 3] = 0.0
     x_hat, l0 = sae_fast.jumprelu_training_forward(*leaves, bandwidth=1.0, apply_b_dec_to_input=False, backend=backend)
     want = _dense_training(*leaves, 1.0, False)
     torch.testing.assert_close(x_hat, want[0])
     torch.testing.assert_close(l0, want[1])
+    torch.testing.assert_close(x_hat[0], b_dec.detach())  # nothing active in row 0
     got_g = torch.autograd.grad(x_hat.sum() + l0, leaves)
     want_g = torch.autograd.grad(want[0].sum() + want[1], leaves)
     for a, b in zip(got_g, want_g):
