@@ -1,0 +1,159 @@
+"""A small SAE trainer on top of ``SparseAutoencoder`` (this session: in-memory activations).
+
+Adam with linear warmup and linear decay to 0; ``b_dec`` initialised to the data mean; dead
+latents tracked over a window of tokens (a latent is dead if it has not fired in the last
+``dead_tokens`` tokens) and fed to AuxK; the BatchTopK inference threshold as a running mean
+of the batch thresholds; the JumpReLU L0 coefficient warmed up linearly; decoder rows kept at
+unit norm (TopK/BatchTopK); a JSONL metrics log; training stops with a clear error on a
+non-finite loss, before the step that would corrupt the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .sae import SparseAutoencoder
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    decay_start: float = 0.8  # fraction of steps after which the lr decays linearly to 0
+    dead_tokens: int = 100_000
+    threshold_momentum: float = 0.99  # BatchTopK running threshold
+    l0_warmup_steps: int = 0  # JumpReLU: L0 coefficient ramps from 0 over these steps
+    log_every: int = 50
+    seed: int = 0
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig, *, metrics_path: Optional[Path] = None,
+                 progress: bool = True):
+        self.sae, self.cfg = sae, cfg
+        self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+        m = sae.cfg.num_latents
+        self.tokens_since_fired = torch.zeros(m, dtype=torch.int64, device=sae.W_enc.device)
+        self.fired_count = torch.zeros(m, dtype=torch.int64, device=sae.W_enc.device)
+        self.step = 0
+        self.tokens = 0
+        self.metrics_path = metrics_path
+        self.progress = progress
+        self.history: list[dict] = []
+
+    def _lr_factor(self, step: int) -> float:
+        c = self.cfg
+        warm = min(1.0, (step + 1) / max(c.warmup_steps, 1))
+        start = int(c.decay_start * c.steps)
+        decay = 1.0 if step < start else max(0.0, (c.steps - step) / max(c.steps - start, 1))
+        return warm * decay
+
+    @torch.no_grad()
+    def init_b_dec(self, data: torch.Tensor) -> None:
+        self.sae.b_dec.copy_(data[: 65536].float().mean(0).to(self.sae.b_dec.dtype))
+
+    def _fired(self, out) -> Optional[torch.Tensor]:
+        """Latent ids that fired in this batch; None for the JumpReLU training pass, which
+        returns no codes (its dead tracking is not implemented yet)."""
+        codes = out.codes
+        if codes is None:
+            return None
+        if isinstance(codes, torch.Tensor):
+            return (codes > 0).any(0).nonzero().view(-1)
+        values, indices = codes.values, codes.indices
+        return indices.reshape(-1)[values.reshape(-1) > 0]
+
+    def train_step(self, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> dict:
+        sae, c = self.sae, self.cfg
+        sae.train()
+        dead = self.tokens_since_fired >= c.dead_tokens
+        kwargs = {}
+        if sae.cfg.architecture == "topk" and sae.cfg.k_aux > 0 and bool(dead.any()):
+            kwargs["dead_mask"] = dead
+        out = sae(x, y, **kwargs)
+        loss = out.loss
+        if sae.cfg.architecture == "jumprelu" and c.l0_warmup_steps:
+            loss = out.fvu + sae.cfg.l0_coeff * min(1.0, self.step / c.l0_warmup_steps) * out.aux_loss
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"step {self.step}: loss is {loss.item()} (fvu {out.fvu.item()}); "
+                                     "training stopped before this step changed the weights")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if sae.cfg.architecture in ("topk", "batchtopk"):
+            sae.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.sched.step()
+        if sae.cfg.architecture in ("topk", "batchtopk"):
+            sae.set_decoder_norm_to_unit_norm()
+        if sae.cfg.architecture == "batchtopk":
+            with torch.no_grad():
+                t = out.codes.threshold.to(sae.batch_threshold.dtype)
+                cur = sae.batch_threshold
+                sae.batch_threshold.copy_(t if cur < 0 else c.threshold_momentum * cur + (1 - c.threshold_momentum) * t)
+        fired = self._fired(out)
+        n = x.shape[0]
+        self.tokens_since_fired += n
+        if fired is not None:
+            self.tokens_since_fired[fired] = 0
+            self.fired_count.index_add_(0, fired, torch.ones_like(fired))
+        self.step += 1
+        self.tokens += n
+        row = dict(step=self.step, tokens=self.tokens, loss=loss.item(), fvu=out.fvu.item(), l0=out.l0.item(),
+                   aux=out.aux_loss.item(), dead_frac=dead.float().mean().item(), lr=self.sched.get_last_lr()[0])
+        return row
+
+    def fit(self, data: torch.Tensor, target: Optional[torch.Tensor] = None) -> list[dict]:
+        """Train on an in-memory [T, d] tensor, shuffled each epoch with the config's seed."""
+        from tqdm import tqdm
+
+        c = self.cfg
+        gen = torch.Generator().manual_seed(c.seed)
+        if self.step == 0:
+            self.init_b_dec(data if target is None else target)
+        order = torch.randperm(data.shape[0], generator=gen)
+        pos = 0
+        bar = tqdm(total=c.steps, disable=not self.progress, desc="train", unit="step")
+        t0 = time.perf_counter()
+        log = open(self.metrics_path, "a") if self.metrics_path else None
+        try:
+            while self.step < c.steps:
+                if pos + c.batch_size > data.shape[0]:
+                    order, pos = torch.randperm(data.shape[0], generator=gen), 0
+                idx = order[pos:pos + c.batch_size]
+                pos += c.batch_size
+                dev = self.sae.W_enc.device
+                x = data[idx].to(dev, self.sae.W_enc.dtype)
+                y = None if target is None else target[idx].to(dev, self.sae.W_enc.dtype)
+                row = self.train_step(x, y)
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    row["tokens_per_s"] = self.tokens / max(time.perf_counter() - t0, 1e-9)
+                    self.history.append(row)
+                    if log:
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
+                    bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_frac']:.1%}",
+                                    tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.update(1)
+        finally:
+            bar.close()
+            if log:
+                log.close()
+        return self.history
+
+    def feature_density(self) -> torch.Tensor:
+        """Firing frequency per latent over the tokens seen (for the density histogram)."""
+        return self.fired_count.float() / max(self.tokens, 1)
+
