@@ -3,6 +3,10 @@
     sae-fast demo [--out DIR] train a TopK SAE on synthetic superposition data with known
                               features (no download, CPU is enough) and report FVU, L0,
                               dead latents and feature recovery; plots + checkpoint in DIR
+    sae-fast train --data PATH [--architecture topk] [--num-latents M] [--k K] ... [--out DIR]
+                              train an SAE on activations (.npy / .safetensors, or a
+                              folder of them); --config FILE.json for the same options;
+                              --resume continues the run in DIR
     sae-fast check            run every available backend of sparse decode, TopK and
                               BatchTopK encoding on an embedded problem, forward and
                               backward, against fp64 dense math
@@ -167,6 +171,71 @@ def _demo(args) -> int:
     return 0
 
 
+_TRAIN_OPTIONS = dict(  # flag -> (type, default, help); the same keys work in --config
+    architecture=(str, "topk", "topk | batchtopk | jumprelu | relu"),
+    num_latents=(int, None, "latents M (default 8 x d)"),
+    k=(int, 32, "active latents per row (topk, batchtopk)"),
+    k_aux=(int, None, "AuxK latents (topk; default d / 2; 0 disables)"),
+    steps=(int, 1000, "training steps"),
+    batch_size=(int, 1024, "rows per step"),
+    lr=(float, 1e-3, "Adam learning rate"),
+    seed=(int, 0, "seed of the data order and the initialisation"),
+    checkpoint_every=(int, 200, "steps between checkpoints"),
+    device=(str, None, "cuda / cpu (default: cuda when available)"),
+)
+
+
+def _train(args) -> int:
+    import json
+
+    import torch
+
+    from .data import load_activations
+    from .sae import SAEConfig, SparseAutoencoder
+    from .training import NonFiniteLossError, TrainConfig, Trainer
+
+    opts = {k: v[1] for k, v in _TRAIN_OPTIONS.items()}
+    if args.config:
+        cfg_file = json.loads(Path(args.config).read_text())
+        unknown = sorted(set(cfg_file) - set(opts) - {"data", "out"})
+        if unknown:
+            print(f"sae-fast train: unknown options in {args.config}: {unknown}", file=sys.stderr)
+            return 2
+        opts.update(cfg_file)
+    opts.update({k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None})
+    data_path = args.data or opts.get("data")
+    if not data_path:
+        print("sae-fast train: --data PATH is required (a .npy / .safetensors file or a folder of them)", file=sys.stderr)
+        return 2
+    data = load_activations(data_path)
+    d = data.shape[1]
+    device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    sae_cfg = SAEConfig(d_in=d, num_latents=opts["num_latents"] or 8 * d, architecture=opts["architecture"], k=opts["k"],
+                        k_aux=d // 2 if opts["k_aux"] is None else opts["k_aux"])
+    torch.manual_seed(opts["seed"])
+    sae = SparseAutoencoder(sae_cfg, device=device, backend=None if device == "cuda" else "reference")
+    sae.reset_parameters(torch.Generator().manual_seed(opts["seed"]))
+    train_cfg = TrainConfig(steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"], seed=opts["seed"])
+    out = Path(args.out or opts.get("out") or "sae_fast_run")
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(sae, train_cfg, metrics_path=out / "metrics.jsonl")
+    if args.resume:
+        trainer.resume(out / "checkpoints")
+        print(f"sae-fast train: resumed at step {trainer.step} from {out / 'checkpoints'}")
+    print(f"sae-fast train: {data.shape[0]} rows of d={d} from {data_path}; {sae_cfg.architecture} SAE, "
+          f"M={sae_cfg.num_latents}, k={sae_cfg.k}, {train_cfg.steps} steps of {train_cfg.batch_size} on {device}")
+    try:
+        trainer.fit(data, checkpoint_dir=out / "checkpoints", checkpoint_every=opts["checkpoint_every"])
+    except NonFiniteLossError as e:
+        print(f"sae-fast train: {e}; the last good checkpoint is in {out / 'checkpoints'}", file=sys.stderr)
+        return 1
+    sae.save(out / "sae")
+    last = trainer.history[-1] if trainer.history else {}
+    print(f"done: FVU {last.get('fvu', float('nan')):.4f}, L0 {last.get('l0', float('nan')):.2f}, "
+          f"dead {last.get('dead_frac', float('nan')):.1%}; SAE in {out / 'sae'}, metrics in {out / 'metrics.jsonl'}")
+    return 0
+
+
 def _kernel_report(argv) -> int:
     from . import kernel_report
 
@@ -202,6 +271,14 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="train a TopK SAE on synthetic data with known features")
     demo.add_argument("--out", default="sae_fast_demo", help="output folder (default ./sae_fast_demo)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default 2000)")
+    train = sub.add_parser("train", help="train an SAE on stored activations")
+    train.add_argument("--data", help=".npy / .safetensors file, or a folder of them")
+    train.add_argument("--out", help="run folder: checkpoints, metrics, the final SAE (default ./sae_fast_run)")
+    train.add_argument("--config", help="JSON file with any of the options below (flags win)")
+    train.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    for name, (typ, default, help_text) in _TRAIN_OPTIONS.items():
+        train.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
+                           help=f"{help_text} (default {default})")
     bench = sub.add_parser("bench", help="GPU benchmarks")
     bench.add_argument("--op", help="one op family (default: all)")
     bench.add_argument("--quick", action="store_true", help="main shapes only")
@@ -212,7 +289,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "kernel-report":
         return _kernel_report(args.rest)
-    return {"check": _check, "demo": _demo, "bench": _bench, "info": lambda a: _info()}[args.cmd](args)
+    return {"check": _check, "demo": _demo, "train": _train, "bench": _bench, "info": lambda a: _info()}[args.cmd](args)
 
 
 if __name__ == "__main__":

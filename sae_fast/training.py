@@ -1,4 +1,4 @@
-"""A small SAE trainer on top of ``SparseAutoencoder`` (this session: in-memory activations).
+"""A small SAE trainer on top of ``SparseAutoencoder`` (in-memory activations for now).
 
 Adam with linear warmup and linear decay to 0; ``b_dec`` initialised to the data mean; dead
 latents tracked over a window of tokens (a latent is dead if it has not fired in the last
@@ -6,12 +6,20 @@ latents tracked over a window of tokens (a latent is dead if it has not fired in
 of the batch thresholds; the JumpReLU L0 coefficient warmed up linearly; decoder rows kept at
 unit norm (TopK/BatchTopK); a JSONL metrics log; training stops with a clear error on a
 non-finite loss, before the step that would corrupt the weights.
+
+Checkpoints (``save_checkpoint`` / ``resume``) hold the SAE, Adam's state, the schedule, the
+dead-latent counters and the data position, as safetensors + JSON (no pickle), each in its own
+folder ``step-N`` with a ``latest`` pointer replaced atomically: a run killed mid-write leaves
+the previous checkpoint intact, and a resumed run is bitwise the uninterrupted one (the data
+order is a function of the seed and the epoch).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Optional
@@ -50,6 +58,7 @@ class Trainer:
         self.fired_count = torch.zeros(m, dtype=torch.int64, device=sae.W_enc.device)
         self.step = 0
         self.tokens = 0
+        self.epoch, self.pos = 0, 0  # data position: permutation number and offset in it
         self.metrics_path = metrics_path
         self.progress = progress
         self.history: list[dict] = []
@@ -115,25 +124,35 @@ class Trainer:
                    aux=out.aux_loss.item(), dead_frac=dead.float().mean().item(), lr=self.sched.get_last_lr()[0])
         return row
 
-    def fit(self, data: torch.Tensor, target: Optional[torch.Tensor] = None) -> list[dict]:
-        """Train on an in-memory [T, d] tensor, shuffled each epoch with the config's seed."""
+    def _order(self, n: int) -> torch.Tensor:
+        """The data order of the current epoch: a function of (seed, epoch) only."""
+        return torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch))
+
+    def fit(self, data: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+            checkpoint_dir: Optional[Path] = None, checkpoint_every: int = 0,
+            stop_at: Optional[int] = None) -> list[dict]:
+        """Train on an in-memory [T, d] tensor (shuffled per epoch) up to ``cfg.steps`` (or
+        ``stop_at``, leaving the schedule unchanged), continuing from the current step (after
+        ``resume``); with ``checkpoint_dir``, a checkpoint every ``checkpoint_every`` steps
+        and at the end."""
         from tqdm import tqdm
 
         c = self.cfg
-        gen = torch.Generator().manual_seed(c.seed)
+        if data.shape[0] < c.batch_size:
+            raise ValueError(f"fit: {data.shape[0]} samples are fewer than one batch of {c.batch_size}")
         if self.step == 0:
             self.init_b_dec(data if target is None else target)
-        order = torch.randperm(data.shape[0], generator=gen)
-        pos = 0
-        bar = tqdm(total=c.steps, disable=not self.progress, desc="train", unit="step")
+        order = self._order(data.shape[0])
+        bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
         t0 = time.perf_counter()
         log = open(self.metrics_path, "a") if self.metrics_path else None
         try:
-            while self.step < c.steps:
-                if pos + c.batch_size > data.shape[0]:
-                    order, pos = torch.randperm(data.shape[0], generator=gen), 0
-                idx = order[pos:pos + c.batch_size]
-                pos += c.batch_size
+            while self.step < min(c.steps, stop_at or c.steps):
+                if self.pos + c.batch_size > data.shape[0]:
+                    self.epoch, self.pos = self.epoch + 1, 0
+                    order = self._order(data.shape[0])
+                idx = order[self.pos:self.pos + c.batch_size]
+                self.pos += c.batch_size
                 dev = self.sae.W_enc.device
                 x = data[idx].to(dev, self.sae.W_enc.dtype)
                 y = None if target is None else target[idx].to(dev, self.sae.W_enc.dtype)
@@ -147,6 +166,10 @@ class Trainer:
                     bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_frac']:.1%}",
                                     tok_s=f"{row['tokens_per_s']:.0f}")
                 bar.update(1)
+                if checkpoint_dir and checkpoint_every and self.step % checkpoint_every == 0:
+                    self.save_checkpoint(checkpoint_dir)
+            if checkpoint_dir:
+                self.save_checkpoint(checkpoint_dir)
         finally:
             bar.close()
             if log:
@@ -157,3 +180,73 @@ class Trainer:
         """Firing frequency per latent over the tokens seen (for the density histogram)."""
         return self.fired_count.float() / max(self.tokens, 1)
 
+
+    # ---- checkpoints
+
+    def save_checkpoint(self, root: Path) -> Path:
+        """Write ``root/step-N`` completely, then point ``root/latest`` at it (atomic rename)
+        and remove older step folders."""
+        from safetensors.torch import save_file
+
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{self.step}"
+        tmp = root / f".step-{self.step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.sae.save(tmp / "sae")
+        names = {id(p): n for n, p in self.sae.named_parameters()}
+        opt = self.opt.state_dict()
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        tensors = {"tokens_since_fired": self.tokens_since_fired.cpu(), "fired_count": self.fired_count.cpu()}
+        for i, state in opt["state"].items():
+            for key, value in state.items():
+                tensors[f"adam.{names[id(params[i])]}.{key}"] = torch.as_tensor(value).cpu().contiguous()
+        save_file(tensors, str(tmp / "trainer.safetensors"))
+        meta = dict(step=self.step, tokens=self.tokens, epoch=self.epoch, pos=self.pos, config=dataclasses.asdict(self.cfg),
+                    param_groups=opt["param_groups"], param_names=[names[id(p)] for p in params],
+                    scheduler=self.sched.state_dict(), history=self.history)
+        (tmp / "trainer.json").write_text(json.dumps(meta))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, root / "latest")
+        for old in root.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def resume(self, root: Path) -> None:
+        """Load the checkpoint ``root/latest`` points to into this trainer and its SAE (built
+        with the same configuration)."""
+        from safetensors.torch import load_file
+
+        from .sae import SparseAutoencoder
+
+        root = Path(root)
+        latest = root / "latest"
+        if not latest.is_file():
+            raise FileNotFoundError(f"resume: no checkpoint in {root} ({latest} missing)")
+        ckpt = root / latest.read_text().strip()
+        meta = json.loads((ckpt / "trainer.json").read_text())
+        saved = SparseAutoencoder.load(ckpt / "sae", device=self.sae.W_enc.device, dtype=self.sae.W_enc.dtype)
+        if saved.cfg != self.sae.cfg:
+            raise ValueError(f"resume: {ckpt} holds an SAE with config {saved.cfg}, this trainer's is {self.sae.cfg}")
+        self.sae.load_state_dict(saved.state_dict())
+        tensors = load_file(str(ckpt / "trainer.safetensors"))
+        dev = self.sae.W_enc.device
+        names = {id(p): n for n, p in self.sae.named_parameters()}
+        current = [names[id(p)] for g in self.opt.param_groups for p in g["params"]]
+        if meta["param_names"] != current:
+            raise ValueError(f"resume: {ckpt} was written for parameters {meta['param_names']}, not {current}")
+        state = {}
+        for i, name in enumerate(meta["param_names"]):
+            entry = {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"adam.{name}.")}
+            if entry:
+                state[i] = {k: (v if k == "step" else v.to(dev)) for k, v in entry.items()}
+        self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.sched.load_state_dict(meta["scheduler"])
+        self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        self.fired_count.copy_(tensors["fired_count"])
+        self.step, self.tokens, self.epoch, self.pos = meta["step"], meta["tokens"], meta["epoch"], meta["pos"]
+        self.history = meta["history"]

@@ -188,3 +188,94 @@ def test_cli_demo_smoke(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path / "d"), "--steps", "60"]) == 0
     out = capsys.readouterr().out
     assert "recovered: " in out and "FVU (held out)" in out
+
+
+def _resume_setup():
+    from sae_fast.demo import synthetic_data
+
+    data, _ = synthetic_data(DemoConfig(d=16, num_features=32, samples=1000), torch.Generator().manual_seed(0))
+    mk = lambda: SparseAutoencoder(SAEConfig(d_in=16, num_latents=48, k=4, k_aux=8), backend="reference")
+    cfg = TrainConfig(steps=40, batch_size=128, lr=3e-3, log_every=5, dead_tokens=512, seed=3)
+    return data, mk, cfg
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    data, mk, cfg = _resume_setup()
+    torch.manual_seed(0)
+    whole = mk()
+    Trainer(whole, cfg, progress=False).fit(data)
+
+    torch.manual_seed(0)
+    first = mk()
+    t1 = Trainer(first, cfg, progress=False)
+    t1.fit(data, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=5, stop_at=17)  # "killed" mid-epoch
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step-17"
+
+    torch.manual_seed(123)  # a fresh process: different global RNG, fresh weights
+    second = mk()
+    t2 = Trainer(second, cfg, progress=False)
+    t2.resume(tmp_path / "ckpt")
+    assert t2.step == 17
+    t2.fit(data)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_errors(tmp_path):
+    data, mk, cfg = _resume_setup()
+    t = Trainer(mk(), cfg, progress=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        t.resume(tmp_path / "none")
+    t.fit(data, checkpoint_dir=tmp_path / "c", stop_at=3)
+    other = Trainer(SparseAutoencoder(SAEConfig(d_in=16, num_latents=40, k=4), backend="reference"), cfg)
+    with pytest.raises(ValueError, match="config"):
+        other.resume(tmp_path / "c")
+
+
+def test_cli_train_and_resume(tmp_path, capsys):
+    import numpy as np
+
+    from sae_fast import cli
+    from sae_fast.demo import synthetic_data
+
+    data, _ = synthetic_data(DemoConfig(d=16, num_features=32, samples=2000), torch.Generator().manual_seed(0))
+    shards = tmp_path / "acts"
+    shards.mkdir()
+    np.save(shards / "a.npy", data[:1000].numpy())
+    from safetensors.torch import save_file
+
+    save_file({"activations": data[1000:]}, str(shards / "b.safetensors"))
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"num_latents": 48, "k": 4, "batch_size": 200, "checkpoint_every": 10}))
+    run = tmp_path / "run"
+    args = ["train", "--data", str(shards), "--config", str(cfg), "--out", str(run)]
+    assert cli.main(args + ["--steps", "20"]) == 0
+    assert (run / "checkpoints" / "latest").read_text() == "step-20"
+    assert cli.main(args + ["--steps", "30", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed at step 20" in out and "done: FVU" in out
+    back = SparseAutoencoder.load(run / "sae")
+    assert back.cfg.num_latents == 48 and back.cfg.d_in == 16
+    cfg.write_text(json.dumps({"num_latentz": 48}))
+    assert cli.main(args) == 2
+
+
+def test_load_activations_errors(tmp_path):
+    import numpy as np
+
+    from sae_fast.data import load_activations
+
+    with pytest.raises(FileNotFoundError):
+        load_activations(tmp_path / "nope.npy")
+    np.save(tmp_path / "bad.npy", np.zeros(5))
+    with pytest.raises(ValueError, match="2-D float"):
+        load_activations(tmp_path / "bad.npy")
+    (tmp_path / "x.txt").write_text("1")
+    with pytest.raises(ValueError, match="expected a .npy"):
+        load_activations(tmp_path / "x.txt")
+    d = tmp_path / "mixed"
+    d.mkdir()
+    np.save(d / "a.npy", np.zeros((3, 4), np.float32))
+    np.save(d / "b.npy", np.zeros((3, 5), np.float32))
+    with pytest.raises(ValueError, match="different widths"):
+        load_activations(d)
