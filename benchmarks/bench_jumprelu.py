@@ -7,7 +7,8 @@ Providers: ``gemm_only`` (the cuBLAS encoder GEMM alone: the floor), ``torch_den
 dense formulation every library uses: [N, M] pre-activations, a straight-through autograd
 step, a dense decode GEMM) and ``sae_fast`` (``jumprelu_training_forward``). SAELens's own
 ``JumpReLUTrainingSAE`` joins with the library adapters (issue 7), which build its objects.
-Gemma Scope sizes: d=2304, M ∈ {16384, 131072}; θ set so ~L0 latents are active per row.
+Gemma Scope sizes: d=2304, M ∈ {16384, 131072, 1048576}, N=8192; θ set so ~L0 latents are
+active per row.
 Not yet run on a GPU: no GPU was lent in the session that wrote it.
 """
 
@@ -26,7 +27,7 @@ except ImportError:
 
 OP = "jumprelu_training"
 MAIN = {"N": 8192, "d": 2304, "M": 131072, "L0": 64}
-SWEEP = {"M": [16384]}
+SWEEP = {"M": [16384, 1048576]}
 MODES = ("fwd", "fwd+bwd")
 PROVIDERS = ("gemm_only", "torch_dense", "sae_fast")
 
