@@ -60,8 +60,10 @@ def jumprelu_select_op(
     else:
         from ..triton_kernels import threshold_encode as fused
 
+        # First guess of listed entries per row and split: real JumpReLU SAEs keep tens to a
+        # few hundred per row; a row above it costs a recompute of that row, never an entry.
         vals, idx, ro = fused.threshold_encode(x, W_enc, b_enc, b_dec, threshold, relu=relu, half_band=half_band,
-                                               dense=out)
+                                               dense=out, capacity=512)
     return vals, idx, ro, out if dense else x.new_zeros((0, 0))
 
 
