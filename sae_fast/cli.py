@@ -190,7 +190,7 @@ def _train(args) -> int:
 
     import torch
 
-    from .data import load_activations
+    from .data import ShardedActivations
     from .sae import SAEConfig, SparseAutoencoder
     from .training import NonFiniteLossError, TrainConfig, Trainer
 
@@ -207,8 +207,8 @@ def _train(args) -> int:
     if not data_path:
         print("sae-fast train: --data PATH is required (a .npy / .safetensors file or a folder of them)", file=sys.stderr)
         return 2
-    data = load_activations(data_path)
-    d = data.shape[1]
+    data = ShardedActivations(data_path, seed=opts["seed"])  # streamed: RAM holds one shuffle buffer
+    d = data.width
     device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     sae_cfg = SAEConfig(d_in=d, num_latents=opts["num_latents"] or 8 * d, architecture=opts["architecture"], k=opts["k"],
                         k_aux=d // 2 if opts["k_aux"] is None else opts["k_aux"])
@@ -222,7 +222,7 @@ def _train(args) -> int:
     if args.resume:
         trainer.resume(out / "checkpoints")
         print(f"sae-fast train: resumed at step {trainer.step} from {out / 'checkpoints'}")
-    print(f"sae-fast train: {data.shape[0]} rows of d={d} from {data_path}; {sae_cfg.architecture} SAE, "
+    print(f"sae-fast train: {len(data)} rows of d={d} from {data_path}; {sae_cfg.architecture} SAE, "
           f"M={sae_cfg.num_latents}, k={sae_cfg.k}, {train_cfg.steps} steps of {train_cfg.batch_size} on {device}")
     try:
         trainer.fit(data, checkpoint_dir=out / "checkpoints", checkpoint_every=opts["checkpoint_every"])
@@ -230,9 +230,14 @@ def _train(args) -> int:
         print(f"sae-fast train: {e}; the last good checkpoint is in {out / 'checkpoints'}", file=sys.stderr)
         return 1
     sae.save(out / "sae")
+    from .plots import plot_feature_density, plot_training
+
+    plot_training(out / "training.png", trainer.history)
+    plot_feature_density(out / "feature_density.png", trainer.feature_density())
     last = trainer.history[-1] if trainer.history else {}
     print(f"done: FVU {last.get('fvu', float('nan')):.4f}, L0 {last.get('l0', float('nan')):.2f}, "
-          f"dead {last.get('dead_frac', float('nan')):.1%}; SAE in {out / 'sae'}, metrics in {out / 'metrics.jsonl'}")
+          f"dead {last.get('dead_frac', float('nan')):.1%}; SAE in {out / 'sae'}, metrics in {out / 'metrics.jsonl'}, "
+          f"plots {out / 'training.png'} and {out / 'feature_density.png'}")
     return 0
 
 

@@ -97,35 +97,8 @@ def run_demo(out_dir: Optional[Path] = None, cfg: Optional[DemoConfig] = None, *
 
 
 def _plots(out_dir: Path, history: list, density: torch.Tensor, cos: torch.Tensor) -> list:
-    try:
-        import matplotlib
+    from .plots import plot_feature_density, plot_recovery, plot_training
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    paths = []
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    steps = [h["step"] for h in history]
-    axes[0].plot(steps, [h["fvu"] for h in history])
-    axes[0].set(xlabel="step", ylabel="FVU", yscale="log", title="reconstruction")
-    axes[1].plot(steps, [h["l0"] for h in history], label="L0")
-    axes[1].plot(steps, [100 * h["dead_frac"] for h in history], label="dead %")
-    axes[1].set(xlabel="step", title="sparsity")
-    axes[1].legend()
-    axes[2].hist(cos.numpy(), bins=40)
-    axes[2].axvline(0.9, color="k", lw=0.8)
-    axes[2].set(xlabel="best cosine with a decoder row", ylabel="true features", title="feature recovery")
-    fig.tight_layout()
-    paths.append(out_dir / "training.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    freq = density[density > 0].clamp_min(1e-12).log10().numpy()
-    ax.hist(freq, bins=40)
-    ax.set(xlabel="log10 firing frequency", ylabel="latents", title=f"feature density ({int((density == 0).sum())} never fired)")
-    fig.tight_layout()
-    paths.append(out_dir / "feature_density.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return [str(p) for p in paths]
+    return [str(plot_training(out_dir / "training.png", history)),
+            str(plot_feature_density(out_dir / "feature_density.png", density)),
+            str(plot_recovery(out_dir / "recovery.png", cos))]

@@ -1,4 +1,4 @@
-"""A small SAE trainer on top of ``SparseAutoencoder`` (in-memory activations for now).
+"""A small SAE trainer on top of ``SparseAutoencoder``, fed by the sources of ``sae_fast.data``.
 
 Adam with linear warmup and linear decay to 0; ``b_dec`` initialised to the data mean; dead
 latents tracked over a window of tokens (a latent is dead if it has not fired in the last
@@ -8,10 +8,10 @@ unit norm (TopK/BatchTopK); a JSONL metrics log; training stops with a clear err
 non-finite loss, before the step that would corrupt the weights.
 
 Checkpoints (``save_checkpoint`` / ``resume``) hold the SAE, Adam's state, the schedule, the
-dead-latent counters and the data position, as safetensors + JSON (no pickle), each in its own
-folder ``step-N`` with a ``latest`` pointer replaced atomically: a run killed mid-write leaves
-the previous checkpoint intact, and a resumed run is bitwise the uninterrupted one (the data
-order is a function of the seed and the epoch).
+dead-latent counters and the data source's position, as safetensors + JSON (no pickle), each
+in its own folder ``step-N`` with a ``latest`` pointer replaced atomically: a run killed
+mid-write leaves the previous checkpoint intact, and a resumed run is bitwise the
+uninterrupted one (the sources' orders are functions of the seed and the position).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Trainer:
         self.fired_count = torch.zeros(m, dtype=torch.int64, device=sae.W_enc.device)
         self.step = 0
         self.tokens = 0
-        self.epoch, self.pos = 0, 0  # data position: permutation number and offset in it
+        self.data_state: Optional[dict] = None  # the source's position, restored by resume
         self.metrics_path = metrics_path
         self.progress = progress
         self.history: list[dict] = []
@@ -72,7 +72,7 @@ class Trainer:
 
     @torch.no_grad()
     def init_b_dec(self, data: torch.Tensor) -> None:
-        self.sae.b_dec.copy_(data[: 65536].float().mean(0).to(self.sae.b_dec.dtype))
+        self.sae.b_dec.copy_(data.float().mean(0).to(self.sae.b_dec.dtype))
 
     def _fired(self, out) -> Optional[torch.Tensor]:
         """Latent ids that fired in this batch; None for the JumpReLU training pass, which
@@ -124,39 +124,34 @@ class Trainer:
                    aux=out.aux_loss.item(), dead_frac=dead.float().mean().item(), lr=self.sched.get_last_lr()[0])
         return row
 
-    def _order(self, n: int) -> torch.Tensor:
-        """The data order of the current epoch: a function of (seed, epoch) only."""
-        return torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.epoch))
-
-    def fit(self, data: torch.Tensor, target: Optional[torch.Tensor] = None, *,
+    def fit(self, data, target: Optional[torch.Tensor] = None, *,
             checkpoint_dir: Optional[Path] = None, checkpoint_every: int = 0,
             stop_at: Optional[int] = None) -> list[dict]:
-        """Train on an in-memory [T, d] tensor (shuffled per epoch) up to ``cfg.steps`` (or
-        ``stop_at``, leaving the schedule unchanged), continuing from the current step (after
-        ``resume``); with ``checkpoint_dir``, a checkpoint every ``checkpoint_every`` steps
-        and at the end."""
+        """Train up to ``cfg.steps`` (or ``stop_at``, leaving the schedule unchanged),
+        continuing from the current step (after ``resume``). ``data``: a [T, d] tensor
+        (with an optional transcoder ``target``) or a source from ``sae_fast.data``
+        (``ShardedActivations`` streams shards with bounded RAM). With ``checkpoint_dir``, a
+        checkpoint every ``checkpoint_every`` steps and at the end."""
         from tqdm import tqdm
 
+        from .data import InMemoryActivations
+
         c = self.cfg
-        if data.shape[0] < c.batch_size:
-            raise ValueError(f"fit: {data.shape[0]} samples are fewer than one batch of {c.batch_size}")
+        source = InMemoryActivations(data, target, seed=c.seed) if isinstance(data, torch.Tensor) else data
+        if self.data_state is not None:
+            source.load_state(self.data_state)
+        self.source = source
         if self.step == 0:
-            self.init_b_dec(data if target is None else target)
-        order = self._order(data.shape[0])
+            self.init_b_dec(source.sample_for_init())
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
         t0 = time.perf_counter()
         log = open(self.metrics_path, "a") if self.metrics_path else None
         try:
             while self.step < min(c.steps, stop_at or c.steps):
-                if self.pos + c.batch_size > data.shape[0]:
-                    self.epoch, self.pos = self.epoch + 1, 0
-                    order = self._order(data.shape[0])
-                idx = order[self.pos:self.pos + c.batch_size]
-                self.pos += c.batch_size
-                dev = self.sae.W_enc.device
-                x = data[idx].to(dev, self.sae.W_enc.dtype)
-                y = None if target is None else target[idx].to(dev, self.sae.W_enc.dtype)
-                row = self.train_step(x, y)
+                x, y = source.next_batch(c.batch_size)
+                dev, dt = self.sae.W_enc.device, self.sae.W_enc.dtype
+                row = self.train_step(x.to(dev, dt), None if y is None else y.to(dev, dt))
+                self.data_state = source.state()
                 if self.step % c.log_every == 0 or self.step == c.steps:
                     row["tokens_per_s"] = self.tokens / max(time.perf_counter() - t0, 1e-9)
                     self.history.append(row)
@@ -202,7 +197,7 @@ class Trainer:
             for key, value in state.items():
                 tensors[f"adam.{names[id(params[i])]}.{key}"] = torch.as_tensor(value).cpu().contiguous()
         save_file(tensors, str(tmp / "trainer.safetensors"))
-        meta = dict(step=self.step, tokens=self.tokens, epoch=self.epoch, pos=self.pos, config=dataclasses.asdict(self.cfg),
+        meta = dict(step=self.step, tokens=self.tokens, data_state=self.data_state, config=dataclasses.asdict(self.cfg),
                     param_groups=opt["param_groups"], param_names=[names[id(p)] for p in params],
                     scheduler=self.sched.state_dict(), history=self.history)
         (tmp / "trainer.json").write_text(json.dumps(meta))
@@ -248,5 +243,5 @@ class Trainer:
         self.sched.load_state_dict(meta["scheduler"])
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
         self.fired_count.copy_(tensors["fired_count"])
-        self.step, self.tokens, self.epoch, self.pos = meta["step"], meta["tokens"], meta["epoch"], meta["pos"]
+        self.step, self.tokens, self.data_state = meta["step"], meta["tokens"], meta["data_state"]
         self.history = meta["history"]
