@@ -15,6 +15,7 @@ gives their downstream gradient ``⟨∂x̂_n, W_dec[m]⟩`` for free. No ``[N, 
 """
 
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -54,7 +55,10 @@ def jumprelu_select_op(
     entries (``pre > θ``, and ``pre > 0`` with ``relu``) and, with ``half_band``, those with
     ``|pre - θ| < half_band``; ``dense`` holds the active values, zeros elsewhere."""
     n, m = x.shape[0], W_enc.shape[0]
-    out = x.new_zeros((n, m)) if dense else None
+    out = None
+    if dense:  # every element is written by the selection (NaN first under SAE_FAST_POISON_OUTPUTS=1)
+        poison = os.environ.get("SAE_FAST_POISON_OUTPUTS") == "1"
+        out = torch.full((n, m), float("nan"), device=x.device, dtype=x.dtype) if poison else x.new_empty((n, m))
     if backend == "reference":
         vals, idx, ro = threshold_select(x, W_enc, b_enc, b_dec, threshold, relu=relu, half_band=half_band, dense=out)
     else:
