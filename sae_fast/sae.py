@@ -70,7 +70,8 @@ class SAEConfig:
 
 class SAEOutput(NamedTuple):
     x_hat: torch.Tensor
-    codes: object  # TopKCodes / BatchTopKCodes / JumpReLUCodes / dense [N, M] (relu); None for the JumpReLU training pass
+    codes: object  # TopKCodes / BatchTopKCodes / JumpReLUCodes / dense [N, M] (relu); JumpReLU training: the
+    # listed entries (near-threshold inactive ones carry value 0)
     fvu: torch.Tensor
     l0: torch.Tensor
     aux_loss: torch.Tensor  # AuxK (topk), L1 (relu), coefficient-free L0 (jumprelu), else 0
@@ -178,13 +179,14 @@ class SparseAutoencoder(nn.Module):
         arch = self.cfg.architecture
         zero = x.new_zeros((), dtype=torch.float32)
         if arch == "jumprelu" and self.training:
-            x_hat, l0 = ops.jumprelu_training_forward(
+            x_hat, l0, codes = ops.jumprelu_training_forward(
                 x, self.W_enc, self.b_enc, self.threshold.to(x.dtype), self.W_dec, self.b_dec,
-                bandwidth=self.cfg.bandwidth, apply_b_dec_to_input=self.cfg.apply_b_dec_to_input, backend=self.backend)
+                bandwidth=self.cfg.bandwidth, apply_b_dec_to_input=self.cfg.apply_b_dec_to_input,
+                return_codes=True, backend=self.backend)
             if self.W_skip is not None:
                 x_hat = x_hat + x @ self.W_skip.T
             f = fvu(x_hat, target)
-            return SAEOutput(x_hat, None, f, l0.float(), l0.float(), f + self.cfg.l0_coeff * l0.float())
+            return SAEOutput(x_hat, codes, f, l0.float(), l0.float(), f + self.cfg.l0_coeff * l0.float())
         codes = self.encode(x, dead_mask=dead_mask)
         x_hat = self.decode(codes, x)
         f = fvu(x_hat, target)

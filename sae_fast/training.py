@@ -74,14 +74,11 @@ class Trainer:
     def init_b_dec(self, data: torch.Tensor) -> None:
         self.sae.b_dec.copy_(data.float().mean(0).to(self.sae.b_dec.dtype))
 
-    def _fired(self, out) -> Optional[torch.Tensor]:
-        """Latent ids that fired in this batch; None for the JumpReLU training pass, which
-        returns no codes (its dead tracking is not implemented yet)."""
+    def _fired(self, out) -> torch.Tensor:
+        """The latent id of every firing (token, latent) entry in this batch (any format)."""
         codes = out.codes
-        if codes is None:
-            return None
-        if isinstance(codes, torch.Tensor):
-            return (codes > 0).any(0).nonzero().view(-1)
+        if isinstance(codes, torch.Tensor):  # dense relu activations
+            return (codes > 0).nonzero()[:, 1]
         values, indices = codes.values, codes.indices
         return indices.reshape(-1)[values.reshape(-1) > 0]
 
@@ -115,9 +112,8 @@ class Trainer:
         fired = self._fired(out)
         n = x.shape[0]
         self.tokens_since_fired += n
-        if fired is not None:
-            self.tokens_since_fired[fired] = 0
-            self.fired_count.index_add_(0, fired, torch.ones_like(fired))
+        self.tokens_since_fired[fired] = 0
+        self.fired_count.index_add_(0, fired, torch.ones_like(fired))
         self.step += 1
         self.tokens += n
         row = dict(step=self.step, tokens=self.tokens, loss=loss.item(), fvu=out.fvu.item(), l0=out.l0.item(),

@@ -142,6 +142,7 @@ def test_training_lowers_the_loss(arch):
                       progress=False)
     history = trainer.fit(data)
     assert history[-1]["fvu"] < 0.6 * history[0]["fvu"]
+    assert trainer.fired_count.sum() > 0 and trainer.tokens_since_fired.max() <= trainer.tokens  # dead tracking ran
     if arch == "batchtopk":
         assert float(sae.batch_threshold) > 0
 

@@ -246,9 +246,12 @@ def jumprelu_training_forward(
     *,
     bandwidth: float = 0.05,
     apply_b_dec_to_input: bool = True,
+    return_codes: bool = False,
     backend: Optional[str] = None,
 ):
-    """Fused JumpReLU SAE training forward: ``(x_hat [N, d_out], l0)``.
+    """Fused JumpReLU SAE training forward: ``(x_hat [N, d_out], l0)``, and with
+    ``return_codes`` also the listed entries as ``JumpReLUCodes`` (values f, detached: the
+    active entries, plus near-threshold inactive ones with value 0).
 
     ``f = pre·H(pre - θ)`` with ``pre = (x - b_dec·c) @ W_encᵀ + b_enc`` (c = 1 when
     ``apply_b_dec_to_input``), ``x_hat = f @ W_dec + b_dec`` decoded sparsely, ``l0`` the mean
@@ -279,4 +282,6 @@ def jumprelu_training_forward(
     f = jumprelu_gate_op(pre, idx, threshold, float(bandwidth))
     x_hat = sparse_decode_csr_op(f, idx, ro, W_dec, b_dec, resolved)
     l0 = jumprelu_l0_op(pre, idx, threshold, float(bandwidth), x.shape[0])
+    if return_codes:
+        return x_hat, l0, JumpReLUCodes(f.detach(), idx, ro)
     return x_hat, l0
