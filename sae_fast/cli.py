@@ -179,6 +179,10 @@ _TRAIN_OPTIONS = dict(  # flag -> (type, default, help); the same keys work in -
     num_latents=(int, None, "latents M (default 8 x d)"),
     k=(int, 32, "active latents per row (topk, batchtopk)"),
     k_aux=(int, None, "AuxK latents (topk; default d / 2; 0 disables)"),
+    bandwidth=(float, 0.05, "JumpReLU straight-through bandwidth"),
+    initial_threshold=(float, 0.01, "JumpReLU initial threshold"),
+    l0_coeff=(float, 1e-3, "JumpReLU L0 penalty coefficient"),
+    l1_coeff=(float, 1e-3, "relu L1 penalty coefficient"),
     steps=(int, 1000, "training steps"),
     batch_size=(int, 1024, "rows per step"),
     lr=(float, 1e-3, "Adam learning rate"),
@@ -222,7 +226,9 @@ def _train(args) -> int:
     d = data.width
     device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     sae_cfg = SAEConfig(d_in=d, num_latents=opts["num_latents"] or 8 * d, architecture=opts["architecture"], k=opts["k"],
-                        k_aux=d // 2 if opts["k_aux"] is None else opts["k_aux"])
+                        k_aux=d // 2 if opts["k_aux"] is None else opts["k_aux"], bandwidth=opts["bandwidth"],
+                        initial_threshold=opts["initial_threshold"], l0_coeff=opts["l0_coeff"],
+                        l1_coeff=opts["l1_coeff"])
     torch.manual_seed(opts["seed"])
     sae = SparseAutoencoder(sae_cfg, device=device, backend=None if device == "cuda" else "reference")
     sae.reset_parameters(torch.Generator().manual_seed(opts["seed"]))
