@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .encoder_tile import encoder_pre_tile
 from .sparse_gather import _device_ctx, _interpreted
 
 
@@ -47,20 +48,9 @@ def _threshold_select_kernel(
     for m0 in range(lat_begin, lat_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < lat_end
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for d0 in range(0, d, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < d
-            xt = tl.load(x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + offs_d[None, :] * stride_xd,
-                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            if HAS_B_DEC:
-                xt = xt.to(tl.float32) - tl.load(b_dec_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-                xt = tl.where(mask_n[:, None] & mask_d[None, :], xt, 0.0)
-            wt = tl.load(w_ptr + offs_m[None, :].to(tl.int64) * stride_wm + offs_d[:, None] * stride_wd,
-                         mask=mask_m[None, :] & mask_d[:, None], other=0.0)
-            acc += tl.dot(xt.to(wt.dtype), wt, out_dtype=tl.float32, input_precision=INPUT_PRECISION)
-        if HAS_B_ENC:
-            acc += tl.load(b_enc_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[None, :]
+        acc = encoder_pre_tile(x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, offs_n, mask_n, offs_m, mask_m, d,
+                               stride_xn, stride_xd, stride_wm, stride_wd, HAS_B_ENC, HAS_B_DEC,
+                               BLOCK_N, BLOCK_M, BLOCK_D, INPUT_PRECISION)
         # Compare in the output dtype, as a dense computation in that dtype would.
         pre = acc.to(val_ptr.dtype.element_ty)
         if THR_PER_LATENT:

@@ -46,3 +46,25 @@ def check_index_range(op: str, name: str, indices: torch.Tensor, upper: int):
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32/fp16/bf16 data; fp64 stays fp64 (tests and gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_encoder_inputs(op: str, x, W_enc, b_enc, b_dec):
+    """The encoders' shared contract: x [N, d] float, W_enc [M, d] (any strides), b_enc [M] or
+    None, b_dec [d] or None, one device and dtype. Returns (N, d, M)."""
+    check_tensor(op, "x", x, dim=2, dtypes=FLOAT_DTYPES)
+    check_tensor(op, "W_enc", W_enc, dim=2)
+    n, d = x.shape
+    m = W_enc.shape[0]
+    if W_enc.shape[1] != d:
+        raise ValueError(f"{op}: W_enc must be [M, {d}] to match x {tuple(x.shape)}, got {tuple(W_enc.shape)}")
+    if b_enc is not None:
+        check_tensor(op, "b_enc", b_enc, dim=1)
+        if b_enc.shape[0] != m:
+            raise ValueError(f"{op}: b_enc must be [{m}], got {tuple(b_enc.shape)}")
+    if b_dec is not None:
+        check_tensor(op, "b_dec", b_dec, dim=1)
+        if b_dec.shape[0] != d:
+            raise ValueError(f"{op}: b_dec must be [{d}] to be subtracted from x, got {tuple(b_dec.shape)}")
+    check_same_device(op, x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
+    check_same_dtype(op, x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
+    return n, d, m

@@ -196,20 +196,7 @@ def batchtopk_encode(
     Returns BatchTopKCodes(values, indices, row_offsets, threshold); see its docstring.
     Differentiable with respect to x, W_enc, b_enc and b_dec through the kept entries.
     """
-    _checks.check_tensor(_OP, "x", x, dim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.check_tensor(_OP, "W_enc", W_enc, dim=2)
-    n, d = x.shape
-    m = W_enc.shape[0]
-    if W_enc.shape[1] != d:
-        raise ValueError(f"{_OP}: W_enc must be [M, {d}] to match x {tuple(x.shape)}, got {tuple(W_enc.shape)}")
-    if b_enc is not None:
-        _checks.check_tensor(_OP, "b_enc", b_enc, dim=1)
-        if b_enc.shape[0] != m:
-            raise ValueError(f"{_OP}: b_enc must be [{m}], got {tuple(b_enc.shape)}")
-    if b_dec is not None:
-        _checks.check_tensor(_OP, "b_dec", b_dec, dim=1)
-        if b_dec.shape[0] != d:
-            raise ValueError(f"{_OP}: b_dec must be [{d}], got {tuple(b_dec.shape)}")
+    n, d, m = _checks.check_encoder_inputs(_OP, x, W_enc, b_enc, b_dec)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m:
         raise ValueError(f"{_OP}: k must be an int in [1, M={m}], got {k!r}")
     if index_dtype not in _checks.INDEX_DTYPES:
@@ -229,8 +216,6 @@ def batchtopk_encode(
             if threshold != threshold:
                 raise ValueError(f"{_OP}: threshold is NaN")
             threshold = torch.tensor(float(threshold), device=x.device, dtype=x.dtype)
-    _checks.check_same_device(_OP, x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
-    _checks.check_same_dtype(_OP, x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
     resolved = _backend.resolve_backend(backend, x.device, x.dtype, _OP)
     values, indices, row_offsets, thr = batchtopk_encode_op(x, W_enc, b_enc, b_dec, threshold, k, resolved)
     return BatchTopKCodes(values, indices.to(index_dtype), row_offsets, thr)

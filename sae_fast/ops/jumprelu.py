@@ -181,25 +181,11 @@ jumprelu_l0_op.register_autograd(_l0_backward, setup_context=_l0_setup)
 
 
 def _check_encoder_args(op, x, W_enc, b_enc, threshold, b_dec):
-    _checks.check_tensor(op, "x", x, dim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.check_tensor(op, "W_enc", W_enc, dim=2)
-    n, d = x.shape
-    m = W_enc.shape[0]
-    if W_enc.shape[1] != d:
-        raise ValueError(f"{op}: W_enc must be [M, {d}] to match x {tuple(x.shape)}, got {tuple(W_enc.shape)}")
-    if b_enc is not None:
-        _checks.check_tensor(op, "b_enc", b_enc, dim=1)
-        if b_enc.shape[0] != m:
-            raise ValueError(f"{op}: b_enc must be [{m}], got {tuple(b_enc.shape)}")
+    _, _, m = _checks.check_encoder_inputs(op, x, W_enc, b_enc, b_dec)
     _checks.check_tensor(op, "threshold", threshold, dim=1, dtypes=_checks.FLOAT_DTYPES)
     if threshold.shape[0] != m:
         raise ValueError(f"{op}: threshold must be [{m}] (one per latent), got {tuple(threshold.shape)}")
-    if b_dec is not None:
-        _checks.check_tensor(op, "b_dec", b_dec, dim=1)
-        if b_dec.shape[0] != d:
-            raise ValueError(f"{op}: b_dec must be [{d}] to be subtracted from x, got {tuple(b_dec.shape)}")
-    _checks.check_same_device(op, x=x, W_enc=W_enc, b_enc=b_enc, threshold=threshold, b_dec=b_dec)
-    _checks.check_same_dtype(op, x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
+    _checks.check_same_device(op, x=x, threshold=threshold)
 
 
 def jumprelu_encode(

@@ -142,20 +142,7 @@ def topk_encode(
     Returns TopKCodes(values, indices, aux_values, aux_indices). Differentiable with respect
     to x, W_enc, b_enc and b_dec through the selected (and aux) entries only.
     """
-    _checks.check_tensor(_OP, "x", x, dim=2, dtypes=_checks.FLOAT_DTYPES)
-    _checks.check_tensor(_OP, "W_enc", W_enc, dim=2)
-    n, d = x.shape
-    m = W_enc.shape[0]
-    if W_enc.shape[1] != d:
-        raise ValueError(f"{_OP}: W_enc must be [M, {d}] to match x {tuple(x.shape)}, got {tuple(W_enc.shape)}")
-    if b_enc is not None:
-        _checks.check_tensor(_OP, "b_enc", b_enc, dim=1)
-        if b_enc.shape[0] != m:
-            raise ValueError(f"{_OP}: b_enc must be [{m}], got {tuple(b_enc.shape)}")
-    if b_dec is not None:
-        _checks.check_tensor(_OP, "b_dec", b_dec, dim=1)
-        if b_dec.shape[0] != d:
-            raise ValueError(f"{_OP}: b_dec must be [{d}], got {tuple(b_dec.shape)}")
+    n, d, m = _checks.check_encoder_inputs(_OP, x, W_enc, b_enc, b_dec)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m:
         raise ValueError(f"{_OP}: k must be an int in [1, M={m}], got {k!r}")
     if isinstance(k_aux, bool) or not isinstance(k_aux, int) or not 0 <= k_aux <= m:
@@ -168,8 +155,7 @@ def topk_encode(
             raise ValueError(f"{_OP}: dead_mask must be [{m}], got {tuple(dead_mask.shape)}")
     if index_dtype not in _checks.INDEX_DTYPES:
         raise TypeError(f"{_OP}: index_dtype must be torch.int64 or torch.int32, got {index_dtype}")
-    _checks.check_same_device(_OP, x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec, dead_mask=dead_mask)
-    _checks.check_same_dtype(_OP, x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
+    _checks.check_same_device(_OP, x=x, dead_mask=dead_mask)
     resolved = _backend.resolve_backend(backend, x.device, x.dtype, _OP)
     pre, indices, aux_pre, aux_indices = topk_encode_op(
         x, W_enc, b_enc, b_dec, dead_mask if k_aux > 0 else None, k, k_aux if dead_mask is not None else 0, resolved
