@@ -136,7 +136,6 @@ class Trainer:
         source = InMemoryActivations(data, target, seed=c.seed) if isinstance(data, torch.Tensor) else data
         if self.data_state is not None:
             source.load_state(self.data_state)
-        self.source = source
         if self.step == 0:
             self.init_b_dec(source.sample_for_init())
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")

@@ -28,33 +28,9 @@ from .. import _backend
 from ..reference.threshold import threshold_select
 from ..reference.topk import topk_select
 from . import _checks
-from .decode import csr_grad_weight, csr_rows, sparse_decode_csr_op
+from .decode import csr_encoder_backward
 
 _OP = "batchtopk_encode"
-
-
-def csr_encoder_backward(grad_values, x, W_enc, b_dec, indices, row_offsets, needs, has_b_enc, backend):
-    """Gradients (x, W_enc, b_enc, b_dec) of CSR encoder outputs ``pre[e]`` (entry e: row from
-    row_offsets, latent indices[e]) given ``grad_values`` [nnz], through those entries only,
-    with the same sparse products as TopK's backward (ops/topk.py) and explicit row ids:
-    ∂x = Σ_e G_e·W_enc[i_e] (CSR decode of G), ∂W_enc / ∂b_enc = the weight gradient against
-    x̄ / ones, ∂b_dec = -Σ_n ∂x_n. Shared by BatchTopK and JumpReLU."""
-    n, m = x.shape[0], W_enc.shape[0]
-    nnz = indices.shape[0]
-    G = grad_values.contiguous() if grad_values is not None else x.new_zeros(nnz)
-    rows = csr_rows(row_offsets, nnz)
-    need_x, need_W, need_b_enc, need_b_dec = needs
-    grad_x = grad_W = grad_b_enc = grad_b_dec = None
-    if need_x or need_b_dec:
-        dx = sparse_decode_csr_op(G, indices, row_offsets, W_enc, None, backend)
-        grad_x = dx if need_x else None
-        grad_b_dec = -dx.sum(0, dtype=_checks.accumulation_dtype(dx.dtype)).to(dx.dtype) if need_b_dec else None
-    if need_W:
-        x_bar = x if b_dec is None else x - b_dec
-        grad_W = csr_grad_weight(x_bar.contiguous(), G, indices, rows, m, backend)
-    if need_b_enc and has_b_enc:
-        grad_b_enc = csr_grad_weight(x.new_ones((n, 1)), G, indices, rows, m, backend).view(m)
-    return grad_x, grad_W, grad_b_enc, grad_b_dec
 
 
 class BatchTopKCodes(NamedTuple):

@@ -23,8 +23,7 @@ import torch
 from .. import _backend
 from ..reference.threshold import threshold_select
 from . import _checks
-from .batchtopk import csr_encoder_backward
-from .decode import sparse_decode_csr_op
+from .decode import csr_encoder_backward, csr_rows, sparse_decode_csr_op
 
 _OP = "jumprelu_encode"
 _TRAIN_OP = "jumprelu_training_forward"
@@ -93,8 +92,6 @@ def _select_backward(ctx, grad_pre, _gi, _go, grad_dense):
     G = grad_pre
     if ctx.dense and grad_dense is not None:
         # every listed entry is active when dense output is asked for (encoding: no band)
-        from .decode import csr_rows
-
         rows = csr_rows(row_offsets, indices.shape[0])
         from_dense = grad_dense[rows, indices]
         G = from_dense if G is None else G + from_dense
