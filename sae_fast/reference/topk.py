@@ -24,10 +24,24 @@ class TopKSelection(NamedTuple):
 
 
 def _merge(run_v, run_i, new_v, new_i, k):
+    """The k first of ``[running, block]`` in (descending value, position) order, without a
+    full sort: the k-th value by ``torch.topk`` (a value, so its tie order does not matter),
+    every entry above it, and the first entries equal to it by position; then a stable sort
+    of those k alone. Position order is latent order among equal values (see module doc)."""
     v = torch.cat([run_v, new_v], dim=1)
     i = torch.cat([run_i, new_i], dim=1)
+    if v.shape[1] <= k:
+        v, order = torch.sort(v, dim=1, descending=True, stable=True)
+        return v, torch.gather(i, 1, order)
+    kth = torch.topk(v, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    above = v > kth
+    equal = v == kth
+    room = k - above.sum(dim=1, keepdim=True)
+    keep = above | (equal & (torch.cumsum(equal, dim=1) <= room))
+    pos = keep.nonzero()[:, 1].view(v.shape[0], k)  # row-major: each row's positions ascending
+    v, i = torch.gather(v, 1, pos), torch.gather(i, 1, pos)
     v, order = torch.sort(v, dim=1, descending=True, stable=True)
-    return v[:, :k], torch.gather(i, 1, order[:, :k])
+    return v, torch.gather(i, 1, order)
 
 
 def topk_select(
