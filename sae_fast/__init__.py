@@ -3,6 +3,7 @@ as torch operators with autograd. Importing registers the ``sae_fast::`` ops and
 nothing else: no device queries, no compilation."""
 
 from ._backend import cuda_extension_available
+from .integrations import accelerate
 from .ops import (
     BatchTopKCodes,
     JumpReLUCodes,
@@ -16,4 +17,4 @@ from .ops import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["jumprelu_encode", "jumprelu_training_forward", "JumpReLUCodes", "sparse_decode", "sparse_decode_csr", "topk_encode", "TopKCodes", "batchtopk_encode", "BatchTopKCodes", "cuda_extension_available", "__version__"]
+__all__ = ["jumprelu_encode", "jumprelu_training_forward", "JumpReLUCodes", "sparse_decode", "sparse_decode_csr", "topk_encode", "TopKCodes", "batchtopk_encode", "BatchTopKCodes", "cuda_extension_available", "accelerate", "__version__"]
