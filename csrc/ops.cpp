@@ -18,6 +18,12 @@ TORCH_LIBRARY(sae_fast, m) {
       "Tensor? bias) -> Tensor");
   // out[n, j] = <grad[n], src[col[n, j]]>
   m.def("gathered_dot(Tensor grad, Tensor col, Tensor src) -> Tensor");
+  // Vertical-slash sparse attention pattern -> per query block: key ranges (block_count,
+  // block_offset) and single key columns (column_count, column_index); all int32. The format
+  // is specified in sae_fast/ops/attention_index.py.
+  m.def(
+      "convert_vertical_slash_index(Tensor vertical_idx, Tensor slash_idx, Tensor seq_lens, SymInt context_len, "
+      "int block_m, int block_n) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // A plain module (no pybind11): importing it runs the registrations above and in the .cu files.
