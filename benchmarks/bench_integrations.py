@@ -1,0 +1,168 @@
+"""Training-step time of each library's own training step, with and without
+``sae_fast.accelerate()``, on the same GPU.
+
+    python benchmarks/bench_integrations.py [--quick] [--libraries saelens,sparsify,dictionary_learning]
+
+One step = the library's training forward pass (its losses, AuxK on a dead mask where it has
+one), backward, and its optimizer step, exactly as its trainer runs them:
+
+* ``saelens``: ``TopKTrainingSAE.training_forward_pass`` → ``loss.backward()`` → Adam.
+* ``sparsify``: ``SparseCoder.forward(x, dead_mask=...)`` → ``fvu + auxk_alpha·auxk`` →
+  backward, gradient projection, Adam, decoder renormalisation (its ``Trainer``'s order).
+* ``dictionary_learning``: ``TopKTrainer.update(step, x)`` (loss, backward, clipping, Adam,
+  renormalisation, its dead-feature bookkeeping).
+
+Providers per library: ``<lib>`` (unpatched) and ``<lib>+sae_fast`` (the same object after
+``sae_fast.accelerate``). Shapes: d=2304, k=64, N=4096 tokens per step, M ∈ {131072,
+1048576}; weights in bf16 by default (``--dtype``) so that the 1M case's parameters, gradients
+and Adam state (about 9.4 GB per copy of both matrices in bf16) fit on an 80 GB card; an
+out-of-memory is recorded as a row with a note. FLOPs: the dense step's 6·N·d·M·2 (encoder and
+decoder GEMMs, forward and backward) for the unpatched object; the rate columns of the
+accelerated rows use the same count, so their TFLOP/s is "dense-equivalent".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+try:
+    from . import harness
+except ImportError:
+    import harness
+
+OP = "integrations_train_step"
+MAIN = {"N": 4096, "d": 2304, "M": 131072, "k": 64}
+SWEEP = {"M": [1048576]}
+LIBRARIES = ("saelens", "sparsify", "dictionary_learning")
+
+
+def shape_plan(quick: bool) -> list[dict]:
+    if quick:
+        return [dict(MAIN)]
+    return [dict(MAIN)] + [{**MAIN, key: v} for key, vs in SWEEP.items() for v in vs]
+
+
+def _sae_fast():
+    try:
+        import sae_fast
+    except ImportError:
+        sys.path.insert(0, str(harness.REPO_ROOT))
+        import sae_fast
+    return sae_fast
+
+
+def _dead_mask(M: int, device) -> torch.Tensor:
+    # a few percent dead, as mid-training: AuxK runs over real work
+    g = torch.Generator(device="cpu").manual_seed(1)
+    return (torch.rand(M, generator=g) < 0.05).to(device)
+
+
+def saelens_step(shape, dtype, device):
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    cfg = TopKTrainingSAEConfig(d_in=shape["d"], d_sae=shape["M"], k=shape["k"], device=str(device),
+                                dtype=str(dtype).removeprefix("torch."))
+    sae = TopKTrainingSAE(cfg)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    coefficients = {name: (c.value if hasattr(c, "value") else c) for name, c in sae.get_coefficients().items()}
+    dead = _dead_mask(shape["M"], device)
+
+    def step(x):
+        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients=coefficients, dead_neuron_mask=dead,
+                                                       n_training_steps=0, is_logging_step=False))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return sae, step
+
+
+def sparsify_step(shape, dtype, device):
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    coder = SparseCoder(shape["d"], SparseCoderConfig(num_latents=shape["M"], k=shape["k"]), device=device, dtype=dtype)
+    opt = torch.optim.Adam(coder.parameters(), lr=1e-4)
+    dead = _dead_mask(shape["M"], device)
+
+    def step(x):
+        out = coder(x, dead_mask=dead)
+        (out.fvu + out.auxk_loss / 32).backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        coder.set_decoder_norm_to_unit_norm()
+
+    return coder, step
+
+
+def dictionary_learning_step(shape, dtype, device):
+    from dictionary_learning.trainers.top_k import TopKTrainer
+
+    trainer = TopKTrainer(steps=10**6, activation_dim=shape["d"], dict_size=shape["M"], k=shape["k"], layer=0,
+                          lm_name="bench", device=str(device), warmup_steps=0)
+    trainer.ae.to(dtype)
+    counter = iter(range(10**9))
+
+    def step(x):
+        trainer.update(next(counter), x)
+
+    return trainer, step
+
+
+BUILDERS = {"saelens": saelens_step, "sparsify": sparsify_step, "dictionary_learning": dictionary_learning_step}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None)
+    p.add_argument("--libraries", default=",".join(LIBRARIES))
+    p.add_argument("--dtype", default="bf16", choices=sorted(harness.DTYPES))
+    p.add_argument("--list", action="store_true", help="print the planned shapes and exit")
+    args = p.parse_args(argv)
+    shapes = shape_plan(args.quick)
+    if args.list:
+        for s in shapes:
+            print(harness.shape_str(s))
+        return []
+    harness.require_cuda()
+    sae_fast = _sae_fast()
+    peaks = harness.measure_peaks()
+    dtype = harness.DTYPES[args.dtype]
+    device = torch.device("cuda")
+    rows = []
+    for shape in shapes:
+        N, d, M = shape["N"], shape["d"], shape["M"]
+        flops = 12 * N * d * M
+        for lib in args.libraries.split(","):
+            for accelerated in (False, True):
+                name = f"{lib}+sae_fast" if accelerated else lib
+                obj = step = None
+                try:
+                    torch.manual_seed(0)
+                    obj, step = BUILDERS[lib](shape, dtype, device)
+                    if accelerated:
+                        sae_fast.accelerate(obj)
+                    x = torch.randn(N, d, device=device, dtype=dtype)
+                    step(x)  # warm-up: Triton compiles, Adam state allocates
+                    timing = harness.bench(lambda: step(x), rep_ms=200)
+                    rows.append(harness.make_row(OP, name, "step", shape, args.dtype, timing=timing, flops=flops,
+                                                 peaks=peaks))
+                except torch.OutOfMemoryError as e:
+                    rows.append(harness.make_row(OP, name, "step", shape, args.dtype, note=f"OOM: {str(e)[:60]}"))
+                except ImportError as e:
+                    rows.append(harness.make_row(OP, name, "step", shape, args.dtype, note=f"not installed: {e}"))
+                del obj, step
+                torch.cuda.empty_cache()
+    harness.append_results(rows, args.out)
+    harness.print_table(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    harness.run_cli(main)
