@@ -10,9 +10,14 @@ Canonical, latent-major parameters: ``W_enc [M, d_in]``, ``b_enc [M]``, ``W_dec 
 * ``jumprelu``: per-latent thresholds (``jumprelu_encode`` / ``jumprelu_training_forward``);
 * ``relu``: ReLU with an L1 penalty (dense activations written by the threshold kernel).
 
+``input_norm="layer_norm"`` (OpenAI's TopK checkpoints, SAELens ``normalize_activations=
+"layer_norm"``): each input row is centred and divided by (unbiased std + 1e-5) before
+encoding, and the reconstruction is mapped back with that row's std and mean.
+
 The module launches no kernels itself: every path runs through ``sae_fast`` ops, and the
 TopK / BatchTopK / JumpReLU training paths never build an ``[N, M]`` tensor. Checkpoints are
-``cfg.json`` + ``model.safetensors`` (no pickle).
+``cfg.json`` + ``model.safetensors`` (no pickle); ``from_pretrained`` and ``save(format=...)``
+also read and write the other libraries' formats (``sae_fast.formats``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from torch import nn
 from . import ops
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
+INPUT_NORMS = ("none", "layer_norm")
+LAYER_NORM_EPS = 1e-5  # OpenAI's (and SAELens') LN: (x - mean) / (std + eps), std unbiased
 _CFG, _WEIGHTS = "cfg.json", "model.safetensors"
 
 
@@ -47,6 +54,7 @@ class SAEConfig:
     initial_threshold: float = 0.01  # JumpReLU
     l1_coeff: float = 1e-3  # relu
     l0_coeff: float = 1e-3  # jumprelu (the trainer may schedule it)
+    input_norm: str = "none"  # "layer_norm": per-row LN before encoding, undone after decoding
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -62,6 +70,10 @@ class SAEConfig:
                              "set apply_b_dec_to_input=False")
         if not (self.bandwidth > 0 and math.isfinite(self.bandwidth)):
             raise ValueError(f"SAEConfig: bandwidth must be > 0, got {self.bandwidth!r}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"SAEConfig: input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
+        if self.input_norm == "layer_norm" and self.d_in < 2:
+            raise ValueError("SAEConfig: input_norm='layer_norm' needs d_in >= 2 (an unbiased std)")
 
     @property
     def output_dim(self) -> int:
@@ -131,12 +143,33 @@ class SparseAutoencoder(nn.Module):
     def _centre(self):
         return self.b_dec if self.cfg.apply_b_dec_to_input else None
 
+    def _normalise(self, x: torch.Tensor):
+        """(input the encoder sees, per-row (mean, std) or None). LN stats in at least fp32,
+        like OpenAI's fp32 reference, whatever x's dtype."""
+        if self.cfg.input_norm == "none":
+            return x, None
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        mu = xf.mean(-1, keepdim=True)
+        xc = xf - mu
+        std = xc.std(-1, keepdim=True)
+        return (xc / (std + LAYER_NORM_EPS)).to(x.dtype), (mu, std)
+
+    @staticmethod
+    def _denormalise(out: torch.Tensor, stats) -> torch.Tensor:
+        if stats is None:
+            return out
+        mu, std = stats
+        return (out.to(mu.dtype) * std + mu).to(out.dtype)
+
     # ---- encode / decode
 
     def encode(self, x: torch.Tensor, *, dead_mask: Optional[torch.Tensor] = None):
         """Sparse codes in the ops' formats: TopKCodes (topk), BatchTopKCodes (batchtopk: the
         batch selection in training mode or while no threshold is set, the threshold after),
         JumpReLUCodes (jumprelu), dense [N, M] activations (relu)."""
+        return self._encode(self._normalise(x)[0], dead_mask)
+
+    def _encode(self, x: torch.Tensor, dead_mask: Optional[torch.Tensor]):
         arch = self.cfg.architecture
         if arch == "topk":
             k_aux = self.cfg.k_aux if dead_mask is not None else 0
@@ -155,7 +188,23 @@ class SparseAutoencoder(nn.Module):
                                    backend=self.backend)
 
     def decode(self, codes, x: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Reconstruction from ``encode``'s codes (+ the skip connection, which needs x)."""
+        """Reconstruction from ``encode``'s codes, + the skip connection (which needs x). With
+        ``input_norm`` the codes live in normalised space: given x, the output is mapped back
+        with x's row mean and std; without x it stays normalised (the codes cannot tell)."""
+        stats = self._normalise(x)[1] if x is not None else None
+        return self._finish(self._decode(codes), x, stats)
+
+    def _finish(self, out: torch.Tensor, x: Optional[torch.Tensor], stats) -> torch.Tensor:
+        """Undo the input norm, then add the skip connection on the raw input (SAELens'
+        skip-transcoder order)."""
+        out = self._denormalise(out, stats)
+        if self.W_skip is not None:
+            if x is None:
+                raise ValueError("decode: this SAE has a skip connection; pass x")
+            out = out + x @ self.W_skip.T
+        return out
+
+    def _decode(self, codes) -> torch.Tensor:
         if isinstance(codes, ops.TopKCodes):
             out = ops.sparse_decode(codes.values, codes.indices, self.W_dec, self.b_dec, backend=self.backend)
         elif isinstance(codes, (ops.BatchTopKCodes, ops.JumpReLUCodes)):
@@ -165,10 +214,6 @@ class SparseAutoencoder(nn.Module):
             out = codes @ self.W_dec + self.b_dec
         else:
             raise TypeError(f"decode: unknown codes {type(codes).__name__}")
-        if self.W_skip is not None:
-            if x is None:
-                raise ValueError("decode: this SAE has a skip connection; pass x")
-            out = out + x @ self.W_skip.T
         return out
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
@@ -178,23 +223,24 @@ class SparseAutoencoder(nn.Module):
         target = x if y is None else y
         arch = self.cfg.architecture
         zero = x.new_zeros((), dtype=torch.float32)
+        xn, stats = self._normalise(x)
         if arch == "jumprelu" and self.training:
             x_hat, l0, codes = ops.jumprelu_training_forward(
-                x, self.W_enc, self.b_enc, self.threshold.to(x.dtype), self.W_dec, self.b_dec,
+                xn, self.W_enc, self.b_enc, self.threshold.to(x.dtype), self.W_dec, self.b_dec,
                 bandwidth=self.cfg.bandwidth, apply_b_dec_to_input=self.cfg.apply_b_dec_to_input,
                 return_codes=True, backend=self.backend)
-            if self.W_skip is not None:
-                x_hat = x_hat + x @ self.W_skip.T
+            x_hat = self._finish(x_hat, x, stats)
             f = fvu(x_hat, target)
             return SAEOutput(x_hat, codes, f, l0.float(), l0.float(), f + self.cfg.l0_coeff * l0.float())
-        codes = self.encode(x, dead_mask=dead_mask)
-        x_hat = self.decode(codes, x)
+        codes = self._encode(xn, dead_mask)
+        x_hat = self._finish(self._decode(codes), x, stats)
         f = fvu(x_hat, target)
         aux = zero
         if arch == "topk":
             l0 = (codes.values > 0).sum(1).float().mean()
             if codes.aux_values is not None and dead_mask is not None:
-                aux = self._auxk_loss(codes, target - x_hat.detach(), int(dead_mask.sum()))
+                aux = self._auxk_loss(codes, target - x_hat.detach(), int(dead_mask.sum()),
+                                      None if stats is None else stats[1])
             weight = self.cfg.aux_coeff
         elif arch == "relu":
             l0 = (codes > 0).sum(1).float().mean()
@@ -205,10 +251,13 @@ class SparseAutoencoder(nn.Module):
             weight = 0.0
         return SAEOutput(x_hat, codes, f, l0, aux, f + weight * aux)
 
-    def _auxk_loss(self, codes, residual, num_dead):
+    def _auxk_loss(self, codes, residual, num_dead, row_scale=None):
         """Gao et al. 2024: reconstruct the residual from the top-k_aux dead latents, scaled by
-        min(#dead / k_aux, 1); normalised like the FVU."""
+        min(#dead / k_aux, 1); normalised like the FVU. ``row_scale``: the input norm's std, which
+        maps the normalised-space decode to the residual's (raw) space."""
         e_hat = ops.sparse_decode(torch.relu(codes.aux_values), codes.aux_indices, self.W_dec, backend=self.backend)
+        if row_scale is not None:
+            e_hat = e_hat * row_scale.to(e_hat.dtype)
         scale = min(num_dead / max(self.cfg.k_aux, 1), 1.0)
         return scale * fvu(e_hat, residual)
 
@@ -229,8 +278,14 @@ class SparseAutoencoder(nn.Module):
 
     # ---- checkpoints
 
-    def save(self, directory: Union[str, Path]) -> Path:
-        """``cfg.json`` + ``model.safetensors`` (canonical names; JumpReLU as ``threshold``)."""
+    def save(self, directory: Union[str, Path], format: str = "sae_fast") -> Path:
+        """``cfg.json`` + ``model.safetensors`` (canonical names; JumpReLU as ``threshold``), or
+        with ``format="saelens"`` / ``"sparsify"`` the files those libraries load
+        (``sae_fast.formats``; a ValueError where the format cannot express this SAE)."""
+        if format != "sae_fast":
+            from . import formats
+
+            return formats.save(self, directory, format)
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -247,6 +302,17 @@ class SparseAutoencoder(nn.Module):
         cfg = dict(dataclasses.asdict(self.cfg), format="sae_fast", dtype=str(self.W_enc.dtype).removeprefix("torch."))
         _atomic_write(directory / _CFG, lambda p: p.write_text(json.dumps(cfg, indent=2)))
         return directory
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], *, device=None, dtype: torch.dtype = torch.float32,
+                        backend: Optional[str] = None) -> "SparseAutoencoder":
+        """Load a checkpoint in any supported format (sae_fast, SAELens, sparsify,
+        dictionary_learning, Gemma Scope ``params.npz``, OpenAI ``.pt``), detected from the files
+        at ``path`` (a folder or a file); layouts and centring conventions are mapped to ours so
+        outputs match the original library's. See ``sae_fast.formats``."""
+        from . import formats
+
+        return formats.load(cls, path, device=device, dtype=dtype, backend=backend)
 
     @classmethod
     def load(cls, directory: Union[str, Path], *, device=None, dtype: Optional[torch.dtype] = None,

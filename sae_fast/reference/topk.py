@@ -30,9 +30,9 @@ def _merge(run_v, run_i, new_v, new_i, k):
     of those k alone. Position order is latent order among equal values (see module doc)."""
     v = torch.cat([run_v, new_v], dim=1)
     i = torch.cat([run_i, new_i], dim=1)
-    if v.shape[1] <= k:
+    if v.shape[1] <= k or bool(torch.isnan(v).any()):  # NaN rows: order unspecified, any k will do
         v, order = torch.sort(v, dim=1, descending=True, stable=True)
-        return v, torch.gather(i, 1, order)
+        return v[:, :k], torch.gather(i, 1, order[:, :k])
     kth = torch.topk(v, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
     above = v > kth
     equal = v == kth
