@@ -1,11 +1,14 @@
 """sae_fast: fused Triton and CUDA kernels for sparse autoencoders and sparse attention,
-as torch operators with autograd. Importing registers the ``sae_fast::`` ops and does
-nothing else: no device queries, no compilation."""
+as torch operators with autograd, and in-place adapters for SAELens, sparsify and
+dictionary_learning. Importing registers the ``sae_fast::`` ops and does nothing else: no
+device queries, no compilation, none of the adapted libraries imported."""
 
 from ._backend import cuda_extension_available
 from .integrations import accelerate
 from .ops import (
     BatchTopKCodes,
+    block_mask_attention,
+    block_sparse_attention,
     JumpReLUCodes,
     TopKCodes,
     batchtopk_encode,
@@ -14,7 +17,8 @@ from .ops import (
     sparse_decode,
     sparse_decode_csr,
     topk_encode,
+    vertical_slash_index,
 )
 
 __version__ = "0.1.0"
-__all__ = ["jumprelu_encode", "jumprelu_training_forward", "JumpReLUCodes", "sparse_decode", "sparse_decode_csr", "topk_encode", "TopKCodes", "batchtopk_encode", "BatchTopKCodes", "cuda_extension_available", "accelerate", "__version__"]
+__all__ = ["jumprelu_encode", "jumprelu_training_forward", "JumpReLUCodes", "sparse_decode", "sparse_decode_csr", "topk_encode", "TopKCodes", "batchtopk_encode", "BatchTopKCodes", "block_sparse_attention", "block_mask_attention", "vertical_slash_index", "cuda_extension_available", "accelerate", "__version__"]

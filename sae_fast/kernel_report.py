@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 SM80_MAX_SMEM = 163 * 1024  # opt-in shared memory per block on an A100 (sm_80)
-KERNEL_MODULES = ("sparse_gather", "topk_encode", "threshold_encode")  # modules of sae_fast.triton_kernels with launch_specs()
+KERNEL_MODULES = ("sparse_gather", "topk_encode", "threshold_encode", "block_sparse_attention")  # modules of sae_fast.triton_kernels with launch_specs()
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
