@@ -35,6 +35,8 @@ step regression regression.log $PY -m pytest tests/test_benchmark_regression.py 
 step bench bench.log $PY benchmarks/bench_sparse_decode.py $BENCH_ARGS --out "$RESULTS/sparse_decode.jsonl"
 step bench-topk bench_topk.log $PY benchmarks/bench_topk_encode.py $BENCH_ARGS --out "$RESULTS/topk_encode.jsonl"
 step bench-jumprelu bench_jumprelu.log $PY benchmarks/bench_jumprelu.py $BENCH_ARGS --out "$RESULTS/jumprelu_training.jsonl"
+step bench-attention bench_attention.log $PY benchmarks/bench_block_sparse_attention.py $BENCH_ARGS --out "$RESULTS/block_sparse_attention.jsonl"
+# bench_integrations.py needs sae-lens / eai-sparsify / dictionary-learning: carry their wheels to an offline box
 step tune-topk tune_topk.log $PY benchmarks/tune_topk_encode.py --quick --budget-s 240
 tail -n 40 "$RESULTS/bench.log"
 if [ ${#failures[@]} -gt 0 ]; then echo "gpu_check: FAILED: ${failures[*]}"; exit 1; fi
