@@ -47,3 +47,21 @@ def assert_close(out: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor = N
     # An exactly representable result makes plain torch's error 0; allow one rounding then.
     bound = max(bound, torch.finfo(out.dtype).eps / 2)
     assert err <= bound, f"{what}: relative error {err:.3e} > 2x plain torch ({bound:.3e})"
+
+
+def import_dictionary_learning():
+    """``pytest.importorskip("dictionary_learning")``, then torch put back as it was.
+
+    dictionary_learning imports nnsight (0.3), which at import replaces torch attributes for
+    the whole process, among them ``FakeTensor.__new__`` with a wrapper that rejects the
+    ``pytype`` argument of current torch: every opcheck and torch.compile of a custom op in
+    the same process then fails. pytest imports every test module before running any, so
+    without this the whole session would be affected. Our tests never trace with nnsight."""
+    import sys
+
+    module = pytest.importorskip("dictionary_learning")
+    nnsight = sys.modules.get("nnsight")
+    patcher = getattr(nnsight, "DEFAULT_PATCHER", None)
+    if patcher is not None:
+        patcher.__exit__(None, None, None)
+    return module

@@ -41,7 +41,9 @@ def sparsify():
 
 @pytest.fixture(scope="module")
 def dl():
-    return pytest.importorskip("dictionary_learning")
+    from helpers import import_dictionary_learning
+
+    return import_dictionary_learning()
 
 
 def _gen(seed):

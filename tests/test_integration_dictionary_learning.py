@@ -12,7 +12,9 @@ import copy
 import pytest
 import torch
 
-pytest.importorskip("dictionary_learning")
+from helpers import import_dictionary_learning  # noqa: E402
+
+import_dictionary_learning()  # also undoes nnsight's process-wide torch patches (see helpers)
 
 from dictionary_learning.dictionary import (  # noqa: E402
     AutoEncoder, AutoEncoderNew, GatedAutoEncoder, JumpReluAutoEncoder)

@@ -75,6 +75,14 @@ Documented differences (everything else matches to rounding):
   returns fp32 there).
 * Forward hooks on the ``encoder`` / ``decoder`` submodules do not fire (those submodules are
   not called); hooks on the SAE module itself do.
+
+Beware, whatever the adapter: importing dictionary_learning imports nnsight (0.3), which
+replaces torch attributes for the whole process, among them ``FakeTensor.__new__`` with a
+wrapper that rejects current torch's ``pytype`` argument. ``torch.compile`` and
+``torch.library.opcheck`` of any custom op (ours included) then fail with "unexpected keyword
+argument 'pytype'". ``sys.modules["nnsight"].DEFAULT_PATCHER.__exit__(None, None, None)``
+restores torch (nnsight's own tracing then no longer works); this module leaves that choice
+to the user.
 """
 
 from __future__ import annotations
