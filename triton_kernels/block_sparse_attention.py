@@ -80,6 +80,47 @@ def _head_dim_mask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _row_limits(offs_m, qb, T, S, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """Row i sees keys j <= lim[i]: the causal diagonal (bottom-right) and the end of the keys
+    in one bound; lim_lo is the block's first row's, the strictest."""
+    if CAUSAL:
+        lim = tl.minimum(offs_m + (S - T), S - 1)
+        lim_lo = tl.minimum(qb * BLOCK_M + (S - T), S - 1)
+    else:
+        lim = tl.zeros([BLOCK_M], dtype=tl.int32) + (S - 1)
+        lim_lo = S - 1
+    return lim, lim_lo
+
+
+@triton.jit
+def _key_tile(i, n_blocks, n_cols, boff_row, cidx_row, k_base, v_base,
+              stride_ks, stride_kd, stride_vs, stride_vd, offs_nn, offs_d, d_ok, lim_lo, S,
+              BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """Step i of a query block's walk (forward and dQ): its keys, which of them exist, whether
+    the tile needs the per-element mask, and the K / V rows. Steps < n_blocks are the key range
+    [start, start + BLOCK_N); the rest take BLOCK_N gathered columns at a time."""
+    if i < n_blocks:
+        start = tl.minimum(tl.maximum(tl.load(boff_row + i), -BLOCK_N), S).to(tl.int32)
+        keys = start + offs_nn
+        kv_ok = (keys >= 0) & (keys < S)
+        masked = (start < 0) | (start + (BLOCK_N - 1) > lim_lo)  # crosses the diagonal or an end
+    else:
+        offs_c = (i - n_blocks) * BLOCK_N + offs_nn
+        c_ok = offs_c < n_cols
+        cols = tl.load(cidx_row + offs_c, mask=c_ok, other=-1)
+        kv_ok = c_ok & (cols >= 0) & (cols < S)
+        keys = tl.where(kv_ok, cols, -1).to(tl.int32)
+        masked = i >= n_blocks
+    key_off = keys.to(tl.int64)[:, None]
+    k = tl.load(k_base + key_off * stride_ks + offs_d[None, :] * stride_kd, mask=kv_ok[:, None] & d_ok, other=0.0)
+    v = tl.load(v_base + key_off * stride_vs + offs_d[None, :] * stride_vd, mask=kv_ok[:, None] & d_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return keys, kv_ok, masked, k, v
+
+
+@triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     bcount_ptr, boff_ptr, ccount_ptr, cidx_ptr,
@@ -104,13 +145,7 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
     row_ok = offs_m < T
-    # Row i sees keys j <= lim[i]: the causal diagonal and the end of the keys in one bound.
-    if CAUSAL:
-        lim = tl.minimum(offs_m + (S - T), S - 1)
-        lim_lo = tl.minimum(qb * BLOCK_M + (S - T), S - 1)  # the first row's: the strictest
-    else:
-        lim = tl.zeros([BLOCK_M], dtype=tl.int32) + (S - 1)
-        lim_lo = S - 1
+    lim, lim_lo = _row_limits(offs_m, qb, T, S, BLOCK_M, CAUSAL)
 
     row0 = (qb * BLOCK_M).to(tl.int64)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + row0 * stride_qt
@@ -127,24 +162,9 @@ def _fwd_kernel(
     n_blocks = tl.minimum(tl.maximum(tl.load(bcount_ptr + idx), 0), MAX_BLOCKS)
     n_cols = tl.minimum(tl.maximum(tl.load(ccount_ptr + idx), 0), MAX_COLS)
     for i in range(0, n_blocks + tl.cdiv(n_cols, BLOCK_N)):
-        if i < n_blocks:  # key range [start, start + BLOCK_N)
-            start = tl.minimum(tl.maximum(tl.load(boff_ptr + idx * MAX_BLOCKS + i), -BLOCK_N), S).to(tl.int32)
-            keys = start + offs_nn
-            kv_ok = (keys >= 0) & (keys < S)
-            masked = (start < 0) | (start + (BLOCK_N - 1) > lim_lo)  # crosses the diagonal or an end
-        else:  # BLOCK_N gathered columns
-            offs_c = (i - n_blocks) * BLOCK_N + offs_nn
-            c_ok = offs_c < n_cols
-            cols = tl.load(cidx_ptr + idx * MAX_COLS + offs_c, mask=c_ok, other=-1)
-            kv_ok = c_ok & (cols >= 0) & (cols < S)
-            keys = tl.where(kv_ok, cols, -1).to(tl.int32)
-            masked = i >= n_blocks
-        key_off = keys.to(tl.int64)[:, None]
-        k = tl.load(k_base + key_off * stride_ks + offs_d[None, :] * stride_kd, mask=kv_ok[:, None] & d_ok, other=0.0)
-        v = tl.load(v_base + key_off * stride_vs + offs_d[None, :] * stride_vd, mask=kv_ok[:, None] & d_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        keys, kv_ok, masked, k, v = _key_tile(
+            i, n_blocks, n_cols, boff_ptr + idx * MAX_BLOCKS, cidx_ptr + idx * MAX_COLS, k_base, v_base,
+            stride_ks, stride_kd, stride_vs, stride_vd, offs_nn, offs_d, d_ok, lim_lo, S, BLOCK_N, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if masked:
             qk = tl.where(kv_ok[None, :] & (keys[None, :] <= lim[:, None]), qk, float("-inf"))
@@ -224,12 +244,7 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
     row_ok = offs_m < T
-    if CAUSAL:
-        lim = tl.minimum(offs_m + (S - T), S - 1)
-        lim_lo = tl.minimum(qb * BLOCK_M + (S - T), S - 1)
-    else:
-        lim = tl.zeros([BLOCK_M], dtype=tl.int32) + (S - 1)
-        lim_lo = S - 1
+    lim, lim_lo = _row_limits(offs_m, qb, T, S, BLOCK_M, CAUSAL)
 
     row0 = (qb * BLOCK_M).to(tl.int64)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + row0 * stride_qt
@@ -248,24 +263,9 @@ def _bwd_dq_kernel(
     n_blocks = tl.minimum(tl.maximum(tl.load(bcount_ptr + idx), 0), MAX_BLOCKS)
     n_cols = tl.minimum(tl.maximum(tl.load(ccount_ptr + idx), 0), MAX_COLS)
     for i in range(0, n_blocks + tl.cdiv(n_cols, BLOCK_N)):
-        if i < n_blocks:
-            start = tl.minimum(tl.maximum(tl.load(boff_ptr + idx * MAX_BLOCKS + i), -BLOCK_N), S).to(tl.int32)
-            keys = start + offs_nn
-            kv_ok = (keys >= 0) & (keys < S)
-            masked = (start < 0) | (start + (BLOCK_N - 1) > lim_lo)
-        else:
-            offs_c = (i - n_blocks) * BLOCK_N + offs_nn
-            c_ok = offs_c < n_cols
-            cols = tl.load(cidx_ptr + idx * MAX_COLS + offs_c, mask=c_ok, other=-1)
-            kv_ok = c_ok & (cols >= 0) & (cols < S)
-            keys = tl.where(kv_ok, cols, -1).to(tl.int32)
-            masked = i >= n_blocks
-        key_off = keys.to(tl.int64)[:, None]
-        k = tl.load(k_base + key_off * stride_ks + offs_d[None, :] * stride_kd, mask=kv_ok[:, None] & d_ok, other=0.0)
-        v = tl.load(v_base + key_off * stride_vs + offs_d[None, :] * stride_vd, mask=kv_ok[:, None] & d_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        keys, kv_ok, masked, k, v = _key_tile(
+            i, n_blocks, n_cols, boff_ptr + idx * MAX_BLOCKS, cidx_ptr + idx * MAX_COLS, k_base, v_base,
+            stride_ks, stride_kd, stride_vs, stride_vd, offs_nn, offs_d, d_ok, lim_lo, S, BLOCK_N, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p = tl.exp2(qk * qk_scale - lse2[:, None])
         if masked:
