@@ -32,7 +32,6 @@ Not yet run on a GPU: no GPU was lent in the session that wrote it.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
@@ -54,13 +53,6 @@ def shape_plan(quick: bool, t_values=T_VALUES, densities=DENSITIES) -> list[dict
     if quick:
         t_values, densities = t_values[:1], densities[1:2]
     return [dict(B=1, Hq=HEADS, Hkv=KV_HEADS, T=t, D=HEAD_DIM, density=d) for t in t_values for d in densities]
-
-
-def _import_sae_fast():
-    try:
-        import sae_fast  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, str(harness.REPO_ROOT))
 
 
 # ------------------------------------------------------------------------------- patterns
@@ -214,7 +206,7 @@ def flex_block_mask(bc, bo, cc, ci, T: int):
 
 def provider_fn(name: str, index, flex_mask):
     if name == "sae_fast":
-        _import_sae_fast()
+        harness.import_sae_fast()
         from sae_fast.ops.attention import block_sparse_attention
 
         return lambda q, k, v: block_sparse_attention(q, k, v, *index)[0]
@@ -239,7 +231,7 @@ def _guard(out, q, k, v, index, T) -> bool:
     """At T <= 8K: the first 4 query heads (one kv head) against the fp32 dense reference."""
     if T > 8192:
         return None
-    _import_sae_fast()
+    harness.import_sae_fast()
     from sae_fast.reference.attention import block_sparse_attention as ref
 
     g = HEADS // KV_HEADS

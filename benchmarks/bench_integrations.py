@@ -24,7 +24,6 @@ accelerated rows use the same count, so their TFLOP/s is "dense-equivalent".
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
@@ -40,18 +39,7 @@ LIBRARIES = ("saelens", "sparsify", "dictionary_learning")
 
 
 def shape_plan(quick: bool) -> list[dict]:
-    if quick:
-        return [dict(MAIN)]
-    return [dict(MAIN)] + [{**MAIN, key: v} for key, vs in SWEEP.items() for v in vs]
-
-
-def _sae_fast():
-    try:
-        import sae_fast
-    except ImportError:
-        sys.path.insert(0, str(harness.REPO_ROOT))
-        import sae_fast
-    return sae_fast
+    return harness.one_at_a_time(MAIN, SWEEP, quick)
 
 
 def _dead_mask(M: int, device) -> torch.Tensor:
@@ -131,7 +119,7 @@ def main(argv=None):
             print(harness.shape_str(s))
         return []
     harness.require_cuda()
-    sae_fast = _sae_fast()
+    sae_fast = harness.import_sae_fast()
     peaks = harness.measure_peaks()
     dtype = harness.DTYPES[args.dtype]
     device = torch.device("cuda")
@@ -157,7 +145,7 @@ def main(argv=None):
                     rows.append(harness.make_row(OP, name, "step", shape, args.dtype, note=f"OOM: {str(e)[:60]}"))
                 except ImportError as e:
                     rows.append(harness.make_row(OP, name, "step", shape, args.dtype, note=f"not installed: {e}"))
-                del obj, step
+                obj = step = None  # free the weights before the next build
                 torch.cuda.empty_cache()
     harness.append_results(rows, args.out)
     harness.print_table(rows)

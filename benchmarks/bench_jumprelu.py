@@ -15,7 +15,6 @@ Not yet run on a GPU: no GPU was lent in the session that wrote it.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -33,9 +32,7 @@ PROVIDERS = ("gemm_only", "torch_dense", "sae_fast")
 
 
 def shape_plan(quick: bool) -> list[dict]:
-    if quick:
-        return [dict(MAIN)]
-    return [dict(MAIN)] + [{**MAIN, key: v} for key, vs in SWEEP.items() for v in vs]
+    return harness.one_at_a_time(MAIN, SWEEP, quick)
 
 
 class _DenseJump(torch.autograd.Function):
@@ -64,11 +61,7 @@ def provider_fn(name: str, leaves):
     if name == "torch_dense":
         return _torch_dense
     if name == "sae_fast":
-        try:
-            import sae_fast
-        except ImportError:
-            sys.path.insert(0, str(harness.REPO_ROOT))
-            import sae_fast
+        sae_fast = harness.import_sae_fast()
         return lambda *a: sae_fast.jumprelu_training_forward(*a, bandwidth=0.05)[0]
     raise ValueError(f"unknown provider {name!r}")
 

@@ -11,7 +11,6 @@ Importable: ``main(argv)`` returns the rows. See benchmarks/README.md for the co
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -117,17 +116,8 @@ def torch_gather_bmm(values, indices, W_dec, bias):
     return torch.bmm(values.unsqueeze(1), W_dec[indices]).squeeze(1) + bias
 
 
-def _import_sae_fast():
-    try:
-        import sae_fast
-    except ImportError:  # not installed: fall back to the source tree
-        sys.path.insert(0, str(harness.REPO_ROOT))
-        import sae_fast
-    return sae_fast
-
-
 def _sae_fast_provider(backend: str) -> DecodeFn:
-    sae_fast = _import_sae_fast()
+    sae_fast = harness.import_sae_fast()
     if backend in ("cuda", "fastest"):
         available = getattr(sae_fast, "cuda_extension_available", None)
         if available is None or not available():

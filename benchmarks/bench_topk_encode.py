@@ -16,7 +16,6 @@ Not yet run on a GPU: no GPU was lent in the sessions since it was written.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -34,18 +33,7 @@ PROVIDERS = ("gemm_only", "torch_linear_topk", "sae_fast", "sparsify", "torch_ba
 
 
 def shape_plan(quick: bool) -> list[dict]:
-    if quick:
-        return [dict(MAIN)]
-    return [dict(MAIN)] + [{**MAIN, key: v} for key, vs in SWEEP.items() for v in vs]
-
-
-def _import_sae_fast():
-    try:
-        import sae_fast
-    except ImportError:
-        sys.path.insert(0, str(harness.REPO_ROOT))
-        import sae_fast
-    return sae_fast
+    return harness.one_at_a_time(MAIN, SWEEP, quick)
 
 
 def _sparsify_encoder(x, W, b, k):
@@ -68,14 +56,14 @@ def provider_fn(name: str, x=None, W=None, b=None, k=None):
             return top.values
         return batch
     if name == "sae_fast_batchtopk":
-        sae_fast = _import_sae_fast()
+        sae_fast = harness.import_sae_fast()
         return lambda x, W, b, k: sae_fast.batchtopk_encode(x, W, b, k).values
     if name == "gemm_only":
         return lambda x, W, b, k: F.linear(x, W, b)
     if name == "torch_linear_topk":
         return lambda x, W, b, k: torch.topk(F.linear(x, W, b), k, dim=1, sorted=False).values.relu()
     if name == "sae_fast":
-        sae_fast = _import_sae_fast()
+        sae_fast = harness.import_sae_fast()
         return lambda x, W, b, k: sae_fast.topk_encode(x, W, b, k).values
     raise ValueError(f"unknown provider {name!r}")
 

@@ -55,6 +55,23 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], object]) -> None:
         sys.exit(2)
 
 
+def import_sae_fast():
+    """The installed package, or the source tree beside this folder when it is not installed."""
+    try:
+        import sae_fast
+    except ImportError:
+        sys.path.insert(0, str(REPO_ROOT))
+        import sae_fast
+    return sae_fast
+
+
+def one_at_a_time(main: dict, sweep: dict, quick: bool) -> list[dict]:
+    """The main shape, then (unless quick) the main shape with one dimension changed at a time."""
+    if quick:
+        return [dict(main)]
+    return [dict(main)] + [{**main, key: v} for key, vs in sweep.items() for v in vs]
+
+
 def _git_sha() -> str:
     # A copy of the tree without .git (a lent GPU box) gets the sha from the caller.
     if os.environ.get("SAE_FAST_GIT_SHA"):
