@@ -199,6 +199,16 @@ def _dense_from_csr(values, indices, row_offsets, n: int, m: int) -> torch.Tenso
     return values.new_zeros((n, m)).index_put((rows, indices.long()), values)
 
 
+def _forward_from_csr(w, codes, lead, n: int, m: int, output_features: bool, backend):
+    """The library's ``forward`` return from CSR codes: x_hat (and the dense features)."""
+    x_hat = w.finish(sparse_decode_csr(codes.values, codes.indices, codes.row_offsets, w.W_dec, w.decode_bias,
+                                       backend=backend))
+    x_hat = x_hat.reshape(*lead, x_hat.shape[-1])
+    if not output_features:
+        return x_hat
+    return x_hat, _dense_from_csr(codes.values, codes.indices, codes.row_offsets, n, m).reshape(*lead, m)
+
+
 def _dense_from_topk(values, indices, m: int) -> torch.Tensor:
     return values.new_zeros((values.shape[0], m)).scatter(1, indices.long(), values)
 
@@ -271,13 +281,7 @@ def _patch_batchtopk_ae(handle: Acceleration, ae, backend) -> None:
         # forward encodes with encode's default, use_threshold=True: the scalar threshold
         codes = batchtopk_encode(w.x, w.W_enc, w.b_enc, k_of(self.k), b_dec=w.centre, threshold=self.threshold,
                                  backend=backend)
-        x_hat = w.finish(sparse_decode_csr(codes.values, codes.indices, codes.row_offsets, w.W_dec, w.decode_bias,
-                                           backend=backend))
-        x_hat = x_hat.reshape(*lead, x_hat.shape[-1])
-        if not output_features:
-            return x_hat
-        f = _dense_from_csr(codes.values, codes.indices, codes.row_offsets, x2.shape[0], m)
-        return x_hat, f.reshape(*lead, m)
+        return _forward_from_csr(w, codes, lead, x2.shape[0], m, output_features, backend)
 
     handle.set(ae, "encode", encode)
     handle.set(ae, "forward", forward)
@@ -302,13 +306,7 @@ def _patch_jumprelu_ae(handle: Acceleration, ae, backend) -> None:
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         w, m = _jumprelu_weights(self, x2, bool(self.apply_b_dec_to_input)), self.W_enc.shape[1]
         codes = jumprelu_encode(w.x, w.W_enc, w.b_enc, self.threshold.detach(), b_dec=w.centre, backend=backend)
-        x_hat = w.finish(sparse_decode_csr(codes.values, codes.indices, codes.row_offsets, w.W_dec, w.decode_bias,
-                                           backend=backend))
-        x_hat = x_hat.reshape(*lead, x_hat.shape[-1])
-        if not output_features:
-            return x_hat
-        f = _dense_from_csr(codes.values, codes.indices, codes.row_offsets, x2.shape[0], m)
-        return x_hat, f.reshape(*lead, m)
+        return _forward_from_csr(w, codes, lead, x2.shape[0], m, output_features, backend)
 
     handle.set(ae, "encode", encode)
     handle.set(ae, "forward", forward)
