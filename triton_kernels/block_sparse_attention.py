@@ -635,7 +635,7 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse,
     BLOCK_D = _block_d(D)
     nqb = triton.cdiv(T, block_m)
 
-    delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    delta = _empty((B, H, T), q, torch.float32)  # NaN under poisoning: an unwritten row fails the tests
     block_t = 64
     with _device_ctx(q):
         _bwd_delta_kernel[(triton.cdiv(T, block_t), B * H)](
