@@ -19,6 +19,8 @@ from .ops import (
     topk_encode,
     vertical_slash_index,
 )
+from .sparse_attention import HeadPattern, SparseAttentionConfig, patch_sparse_attention, search_patterns
 
 __version__ = "0.1.0"
-__all__ = ["jumprelu_encode", "jumprelu_training_forward", "JumpReLUCodes", "sparse_decode", "sparse_decode_csr", "topk_encode", "TopKCodes", "batchtopk_encode", "BatchTopKCodes", "block_sparse_attention", "block_mask_attention", "vertical_slash_index", "cuda_extension_available", "accelerate", "__version__"]
+__all__ = ["jumprelu_encode", "jumprelu_training_forward", "JumpReLUCodes", "sparse_decode", "sparse_decode_csr", "topk_encode", "TopKCodes", "batchtopk_encode", "BatchTopKCodes", "block_sparse_attention", "block_mask_attention", "vertical_slash_index", "cuda_extension_available", "accelerate", "HeadPattern", "SparseAttentionConfig",
+           "patch_sparse_attention", "search_patterns", "__version__"]
