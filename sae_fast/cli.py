@@ -7,6 +7,10 @@
                               train an SAE on activations (.npy / .safetensors, or a
                               folder of them); --config FILE.json for the same options;
                               --resume continues the run in DIR
+    torchrun --nproc-per-node N --no-python sae-fast train ...   (or torchrun ... -m sae_fast.cli train ...)
+                              data-parallel training on N GPUs (NCCL; gloo on CPU):
+                              --batch-size is the global batch, split evenly over the
+                              ranks; rank 0 writes metrics, plots and checkpoints
     sae-fast train --model smollm2 --layer 15 --corpus austen [--max-tokens N] ...
                               the same on a causal LM's residual stream (offline: see
                               scripts/fetch_real_material.sh)
@@ -193,13 +197,22 @@ _TRAIN_OPTIONS = dict(  # flag -> (type, default, help); the same keys work in -
 
 
 def _train(args) -> int:
+    """One process, or every rank under torchrun (``sae_fast.distributed.init_from_env``
+    reads RANK / WORLD_SIZE / LOCAL_RANK; the process group is torn down on the way out)."""
+    from . import distributed
+
+    opts = _train_options(args)
+    if opts is None:
+        return 2
+    env = distributed.init_from_env(opts["device"])
+    try:
+        return _train_run(args, opts, env)
+    finally:
+        distributed.teardown(env)
+
+
+def _train_options(args):
     import json
-
-    import torch
-
-    from .data import ShardedActivations
-    from .sae import SAEConfig, SparseAutoencoder
-    from .training import NonFiniteLossError, TrainConfig, Trainer
 
     opts = {k: v[1] for k, v in _TRAIN_OPTIONS.items()}
     if args.config:
@@ -207,9 +220,22 @@ def _train(args) -> int:
         unknown = sorted(set(cfg_file) - set(opts) - {"data", "out"})
         if unknown:
             print(f"sae-fast train: unknown options in {args.config}: {unknown}", file=sys.stderr)
-            return 2
+            return None
         opts.update(cfg_file)
     opts.update({k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None})
+    return opts
+
+
+def _train_run(args, opts, env) -> int:
+    import torch
+
+    from .data import ShardedActivations
+    from .distributed import DataParallel
+    from .sae import SAEConfig, SparseAutoencoder
+    from .training import NonFiniteLossError, TrainConfig, Trainer
+
+    main = env is None or env.is_main
+    say = print if main else (lambda *a, **k: None)
     data_path = args.data or opts.get("data")
     out = Path(args.out or opts.get("out") or "sae_fast_run")
     out.mkdir(parents=True, exist_ok=True)
@@ -217,33 +243,51 @@ def _train(args) -> int:
         if data_path:
             print("sae-fast train: give --data or --model, not both", file=sys.stderr)
             return 2
-        data_path = _model_activations(args, out)
+        if main:
+            data_path = _model_activations(args, out)
+        if env is not None:  # the other ranks wait for rank 0's shards
+            torch.distributed.barrier()
+            data_path = out / "activations"
     if not data_path:
         print("sae-fast train: --data PATH (a .npy / .safetensors file or a folder of them) or --model is required",
               file=sys.stderr)
         return 2
     data = ShardedActivations(data_path, seed=opts["seed"])  # streamed: RAM holds one shuffle buffer
     d = data.width
-    device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    if env is not None:
+        device = env.device
+    else:
+        device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     sae_cfg = SAEConfig(d_in=d, num_latents=opts["num_latents"] or 8 * d, architecture=opts["architecture"], k=opts["k"],
                         k_aux=d // 2 if opts["k_aux"] is None else opts["k_aux"], bandwidth=opts["bandwidth"],
                         initial_threshold=opts["initial_threshold"], l0_coeff=opts["l0_coeff"],
                         l1_coeff=opts["l1_coeff"])
     torch.manual_seed(opts["seed"])
-    sae = SparseAutoencoder(sae_cfg, device=device, backend=None if device == "cuda" else "reference")
+    sae = SparseAutoencoder(sae_cfg, device=device, backend=None if str(device).startswith("cuda") else "reference")
     sae.reset_parameters(torch.Generator().manual_seed(opts["seed"]))
     train_cfg = TrainConfig(steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"], seed=opts["seed"])
-    trainer = Trainer(sae, train_cfg, metrics_path=out / "metrics.jsonl")
+    try:
+        dp = DataParallel() if env is not None else None
+        trainer = Trainer(sae, train_cfg, metrics_path=out / "metrics.jsonl", data_parallel=dp)
+    except ValueError as e:
+        print(f"sae-fast train: {e}", file=sys.stderr)
+        return 2
     if args.resume:
         trainer.resume(out / "checkpoints")
-        print(f"sae-fast train: resumed at step {trainer.step} from {out / 'checkpoints'}")
-    print(f"sae-fast train: {len(data)} rows of d={d} from {data_path}; {sae_cfg.architecture} SAE, "
-          f"M={sae_cfg.num_latents}, k={sae_cfg.k}, {train_cfg.steps} steps of {train_cfg.batch_size} on {device}")
+        say(f"sae-fast train: resumed at step {trainer.step} from {out / 'checkpoints'}")
+    where = device
+    if env is not None:
+        where = f"{env.world_size} ranks ({env.backend}, {train_cfg.batch_size // env.world_size} rows each)"
+    say(f"sae-fast train: {len(data)} rows of d={d} from {data_path}; {sae_cfg.architecture} SAE, "
+        f"M={sae_cfg.num_latents}, k={sae_cfg.k}, {train_cfg.steps} steps of {train_cfg.batch_size} on {where}")
     try:
         trainer.fit(data, checkpoint_dir=out / "checkpoints", checkpoint_every=opts["checkpoint_every"])
-    except NonFiniteLossError as e:
-        print(f"sae-fast train: {e}; the last good checkpoint is in {out / 'checkpoints'}", file=sys.stderr)
+    except NonFiniteLossError as e:  # raised on every rank at the same step
+        if main:
+            print(f"sae-fast train: {e}; the last good checkpoint is in {out / 'checkpoints'}", file=sys.stderr)
         return 1
+    if not main:
+        return 0
     sae.save(out / "sae")
     from .plots import plot_feature_density, plot_training
 
@@ -333,7 +377,15 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="train a TopK SAE on synthetic data with known features")
     demo.add_argument("--out", default="sae_fast_demo", help="output folder (default ./sae_fast_demo)")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default 2000)")
-    train = sub.add_parser("train", help="train an SAE on stored activations")
+    train = sub.add_parser(
+        "train", help="train an SAE on stored activations (several GPUs: under torchrun)",
+        description="Train an SAE on stored activations. Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set), "
+                    "every rank joins the process group (NCCL with cuda:LOCAL_RANK, or gloo on the CPU with "
+                    "--device cpu or without CUDA) and trains data-parallel: --batch-size is the global batch, "
+                    "split evenly over the ranks (it must divide), gradients and dead-latent counts are summed "
+                    "across ranks, and rank 0 alone writes metrics, plots and checkpoints; --resume loads the "
+                    "checkpoint on every rank. Example: torchrun --nproc-per-node 8 --no-python sae-fast train "
+                    "--data acts/ --batch-size 8192. BatchTopK selects over the global batch, as one process would.")
     train.add_argument("--data", help=".npy / .safetensors file, or a folder of them")
     train.add_argument("--out", help="run folder: checkpoints, metrics, the final SAE (default ./sae_fast_run)")
     train.add_argument("--config", help="JSON file with any of the options below (flags win)")

@@ -217,9 +217,11 @@ class SparseAutoencoder(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
-                dead_mask: Optional[torch.Tensor] = None) -> SAEOutput:
+                dead_mask: Optional[torch.Tensor] = None, batch_select=None) -> SAEOutput:
         """Reconstruction, codes and loss terms. ``y``: the transcoder target (default x);
-        ``dead_mask`` [M] bool: latents dead for AuxK (topk)."""
+        ``dead_mask`` [M] bool: latents dead for AuxK (topk). ``batch_select`` (batchtopk in
+        training): ``f(sae, x) -> BatchTopKCodes`` replacing the selection over this batch, x
+        being the encoder's input (data-parallel training selects over the global batch)."""
         target = x if y is None else y
         arch = self.cfg.architecture
         zero = x.new_zeros((), dtype=torch.float32)
@@ -232,7 +234,10 @@ class SparseAutoencoder(nn.Module):
             x_hat = self._finish(x_hat, x, stats)
             f = fvu(x_hat, target)
             return SAEOutput(x_hat, codes, f, l0.float(), l0.float(), f + self.cfg.l0_coeff * l0.float())
-        codes = self._encode(xn, dead_mask)
+        if batch_select is not None and arch == "batchtopk" and self.training:
+            codes = batch_select(self, xn)
+        else:
+            codes = self._encode(xn, dead_mask)
         x_hat = self._finish(self._decode(codes), x, stats)
         f = fvu(x_hat, target)
         aux = zero

@@ -12,6 +12,11 @@ dead-latent counters and the data source's position, as safetensors + JSON (no p
 in its own folder ``step-N`` with a ``latest`` pointer replaced atomically: a run killed
 mid-write leaves the previous checkpoint intact, and a resumed run is bitwise the
 uninterrupted one (the sources' orders are functions of the seed and the position).
+
+Data-parallel training (``data_parallel=sae_fast.distributed.DataParallel()``, one process per
+GPU under ``torchrun``): ``batch_size`` is then the global batch, each rank trains on its slice,
+and the hooks marked ``dp`` below sum the loss shares, gradients and dead-latent counts across
+ranks; only rank 0 writes logs and checkpoints. See ``sae_fast.distributed`` for why.
 """
 
 from __future__ import annotations
@@ -49,8 +54,15 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     def __init__(self, sae: SparseAutoencoder, cfg: TrainConfig, *, metrics_path: Optional[Path] = None,
-                 progress: bool = True):
+                 progress: bool = True, data_parallel=None):
+        """``data_parallel``: a ``sae_fast.distributed.DataParallel`` to train on every rank of
+        its process group (collective: every rank builds its Trainer; rank 0's weights are
+        broadcast); None trains in this process alone."""
         self.sae, self.cfg = sae, cfg
+        self.dp = data_parallel
+        if self.dp is not None:
+            self.dp.local_batch(cfg.batch_size)  # a clear error for a batch the ranks cannot split
+            self.dp.broadcast_module(sae)
         self.opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
         m = sae.cfg.num_latents
@@ -60,8 +72,13 @@ class Trainer:
         self.tokens = 0
         self.data_state: Optional[dict] = None  # the source's position, restored by resume
         self.metrics_path = metrics_path
-        self.progress = progress
+        self.progress = progress and self.is_main
         self.history: list[dict] = []
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes logs and checkpoints (rank 0, or a single process)."""
+        return self.dp is None or self.dp.is_main
 
     def _lr_factor(self, step: int) -> float:
         c = self.cfg
@@ -73,6 +90,8 @@ class Trainer:
     @torch.no_grad()
     def init_b_dec(self, data: torch.Tensor) -> None:
         self.sae.b_dec.copy_(data.float().mean(0).to(self.sae.b_dec.dtype))
+        if self.dp is not None:  # every rank saw the same global sample; rank 0's mean is the one
+            self.dp.broadcast_(self.sae.b_dec)
 
     def _fired(self, out) -> torch.Tensor:
         """The latent id of every firing (token, latent) entry in this batch (any format)."""
@@ -89,15 +108,21 @@ class Trainer:
         kwargs = {}
         if sae.cfg.architecture == "topk" and sae.cfg.k_aux > 0 and bool(dead.any()):
             kwargs["dead_mask"] = dead
+        if self.dp is not None and sae.cfg.architecture == "batchtopk" and self.dp.batchtopk == "global":
+            kwargs["batch_select"] = self.dp.global_batchtopk
         out = sae(x, y, **kwargs)
         loss = out.loss
         if sae.cfg.architecture == "jumprelu" and c.l0_warmup_steps:
             loss = out.fvu + sae.cfg.l0_coeff * min(1.0, self.step / c.l0_warmup_steps) * out.aux_loss
-        if not torch.isfinite(loss):
+        if self.dp is not None:  # this rank's share of the global loss; the NaN guard on every rank
+            loss, global_metrics = self.dp.share_loss(self, out, x, y)
+        elif not torch.isfinite(loss):
             raise NonFiniteLossError(f"step {self.step}: loss is {loss.item()} (fvu {out.fvu.item()}); "
                                      "training stopped before this step changed the weights")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.dp is not None:
+            self.dp.all_reduce_gradients(sae.parameters())
         if sae.cfg.architecture in ("topk", "batchtopk"):
             sae.remove_gradient_parallel_to_decoder_directions()
         self.opt.step()
@@ -107,17 +132,24 @@ class Trainer:
         if sae.cfg.architecture == "batchtopk":
             with torch.no_grad():
                 t = out.codes.threshold.to(sae.batch_threshold.dtype)
+                if self.dp is not None:  # the smallest value kept on any rank
+                    t = self.dp.min_(t)
                 cur = sae.batch_threshold
                 sae.batch_threshold.copy_(t if cur < 0 else c.threshold_momentum * cur + (1 - c.threshold_momentum) * t)
         fired = self._fired(out)
-        n = x.shape[0]
-        self.tokens_since_fired += n
-        self.tokens_since_fired[fired] = 0
-        self.fired_count.index_add_(0, fired, torch.ones_like(fired))
+        if self.dp is not None:
+            n = self.dp.update_dead_latents(self, fired, x.shape[0])
+            metrics = global_metrics
+        else:
+            n = x.shape[0]
+            self.tokens_since_fired += n
+            self.tokens_since_fired[fired] = 0
+            self.fired_count.index_add_(0, fired, torch.ones_like(fired))
+            metrics = dict(loss=loss.item(), fvu=out.fvu.item(), l0=out.l0.item(), aux=out.aux_loss.item())
         self.step += 1
         self.tokens += n
-        row = dict(step=self.step, tokens=self.tokens, loss=loss.item(), fvu=out.fvu.item(), l0=out.l0.item(),
-                   aux=out.aux_loss.item(), dead_frac=dead.float().mean().item(), lr=self.sched.get_last_lr()[0])
+        row = dict(step=self.step, tokens=self.tokens, loss=metrics["loss"], fvu=metrics["fvu"], l0=metrics["l0"],
+                   aux=metrics["aux"], dead_frac=dead.float().mean().item(), lr=self.sched.get_last_lr()[0])
         return row
 
     def fit(self, data, target: Optional[torch.Tensor] = None, *,
@@ -136,11 +168,13 @@ class Trainer:
         source = InMemoryActivations(data, target, seed=c.seed) if isinstance(data, torch.Tensor) else data
         if self.data_state is not None:
             source.load_state(self.data_state)
+        if self.dp is not None:  # next_batch(global batch) -> this rank's slice
+            source = self.dp.shard_source(source, c.batch_size)
         if self.step == 0:
             self.init_b_dec(source.sample_for_init())
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
         t0 = time.perf_counter()
-        log = open(self.metrics_path, "a") if self.metrics_path else None
+        log = open(self.metrics_path, "a") if self.metrics_path and self.is_main else None
         try:
             while self.step < min(c.steps, stop_at or c.steps):
                 x, y = source.next_batch(c.batch_size)
@@ -175,10 +209,19 @@ class Trainer:
 
     def save_checkpoint(self, root: Path) -> Path:
         """Write ``root/step-N`` completely, then point ``root/latest`` at it (atomic rename)
-        and remove older step folders."""
+        and remove older step folders. Data parallel: rank 0 writes (every rank holds the same
+        state) while the others wait (collective)."""
+        root = Path(root)
+        final = root / f"step-{self.step}"
+        if self.is_main:
+            self._write_checkpoint(root)
+        if self.dp is not None:
+            self.dp.barrier()
+        return final
+
+    def _write_checkpoint(self, root: Path) -> Path:
         from safetensors.torch import save_file
 
-        root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{self.step}"
         tmp = root / f".step-{self.step}.tmp"
@@ -208,7 +251,8 @@ class Trainer:
 
     def resume(self, root: Path) -> None:
         """Load the checkpoint ``root/latest`` points to into this trainer and its SAE (built
-        with the same configuration)."""
+        with the same configuration). Data parallel: every rank loads it (a filesystem all
+        ranks see); the global batch, not the world size, must match the saved run's."""
         from safetensors.torch import load_file
 
         from .sae import SparseAutoencoder
