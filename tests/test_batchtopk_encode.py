@@ -166,6 +166,9 @@ def test_opcheck():
     x, W, b, c = (torch.randn(*s, generator=g).requires_grad_() for s in ((6, 5), (19, 5), (19,), (5,)))
     torch.library.opcheck(batchtopk_encode_op, (x, W, b, c, None, 3, "reference"))
     torch.library.opcheck(batchtopk_encode_op, (x, W, None, None, torch.tensor(0.3), 3, "reference"))
+    dead = torch.zeros(19, dtype=torch.bool)
+    dead[[2, 5, 11, 17]] = True
+    torch.library.opcheck(batchtopk_encode_op, (x, W, b, c, None, 3, "reference", dead, 6))
 
 
 @pytest.mark.parametrize("threshold", [None, 0.2, torch.tensor(0.1)], ids=["train", "float", "tensor"])
@@ -177,6 +180,148 @@ def test_compile_fullgraph(threshold):
     want = torch.autograd.grad(f(x, W, b), (x, W, b))
     for a, c in zip(got, want):
         torch.testing.assert_close(a, c)
+
+
+def test_compile_fullgraph_auxk():
+    g = torch.Generator().manual_seed(4)
+    x, W, b = (torch.randn(*s, generator=g).requires_grad_() for s in ((6, 5), (19, 5), (19,)))
+    dead = torch.zeros(19, dtype=torch.bool)
+    dead[[0, 5, 11]] = True
+
+    def f(x, W, b):
+        c = sae_fast.batchtopk_encode(x, W, b, 3, dead_mask=dead, k_aux=4, backend="reference")
+        return c.values.square().sum() + torch.relu(c.aux_values).pow(3).sum()
+
+    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(x, W, b), (x, W, b))
+    want = torch.autograd.grad(f(x, W, b), (x, W, b))
+    assert want[1][[0, 5, 11]].abs().sum() > 0  # the aux term reached the dead latents' rows
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c)
+
+
+# ---- AuxK: each row's top-k_aux pre-activations among dead latents, as topk_encode returns them
+
+
+def _dense_aux(x, W, b_enc, b_dec, dead, k_aux):
+    """Differentiable explicit AuxK entries: a stable descending sort of the raw pre-activations
+    with live latents at -inf (ties: the smaller latent id), the first min(k_aux, #dead)."""
+    pre = (x - b_dec) @ W.T + b_enc
+    valid = min(k_aux, int(dead.sum()))
+    order = torch.sort(pre.detach().masked_fill(~dead, float("-inf")), dim=1, descending=True, stable=True).indices
+    idx = order[:, :valid]
+    return torch.gather(pre, 1, idx), idx
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("n,d,m,k,dead_ids,k_aux", [
+    (9, 13, 53, 5, [0, 3, 4, 9, 20, 21, 22, 40, 52], 4),  # latent 0 dead; more dead than k_aux
+    (4, 6, 17, 1, [0, 16], 5),  # fewer dead latents than k_aux: missing slots
+    (3, 5, 11, 11, list(range(11)), 11),  # every latent dead, k = k_aux = M
+    (12, 7, 40, 3, [7], 1),
+])
+def test_auxk_entries_and_gradients(backend, device, n, d, m, k, dead_ids, k_aux):
+    x, W, b_enc, b_dec = _int_leaves(n, d, m, device, _dtype(backend))  # integer data: many ties
+    dead = torch.zeros(m, dtype=torch.bool, device=device)
+    dead[dead_ids] = True
+    codes = sae_fast.batchtopk_encode(x, W, b_enc, k, b_dec=b_dec, dead_mask=dead, k_aux=k_aux, backend=backend)
+    plain = sae_fast.batchtopk_encode(x, W, b_enc, k, b_dec=b_dec, backend=backend)
+    for a, b in zip(codes[:4], plain[:4]):  # the batch selection is untouched by AuxK
+        assert torch.equal(a, b)
+    assert codes.aux_values.shape == codes.aux_indices.shape == (n, k_aux)
+    assert codes.aux_indices.dtype == torch.int64 and codes.aux_values.dtype == x.dtype
+    want_v, want_i = _dense_aux(x, W, b_enc, b_dec, dead, k_aux)
+    valid = want_i.shape[1]
+    assert torch.equal(codes.aux_indices[:, :valid], want_i)
+    assert torch.equal(codes.aux_values[:, :valid].detach(), want_v.detach())  # raw pre: negatives kept
+    assert (codes.aux_values[:, valid:] == 0).all() and (codes.aux_indices[:, valid:] == 0).all()
+    # gradients through kept values and aux values together vs the dense formula
+    batch_want, keep = _dense_batch(x, W, b_enc, b_dec, k)
+    got, _ = _to_dense(codes, n, m)
+    gen = torch.Generator().manual_seed(9)
+    g = torch.randn(n, m, dtype=x.dtype, generator=gen).to(device)
+    ga = torch.randn(n, k_aux, dtype=x.dtype, generator=gen).to(device)
+    leaves = (x, W, b_enc, b_dec)
+    g_got = torch.autograd.grad((got, codes.aux_values), leaves, (g, ga), retain_graph=True)
+    g_want = torch.autograd.grad((batch_want, want_v), leaves, (g, ga[:, :valid]))
+    for name, a, b in zip(("x", "W_enc", "b_enc", "b_dec"), g_got, g_want):
+        torch.testing.assert_close(a, b, msg=lambda s: f"grad {name}: {s}")
+    # the aux values alone reach the encoder (dead latents' rows of W_enc and b_enc)
+    g_aux = torch.autograd.grad(codes.aux_values, (W, b_enc), ga)
+    assert g_aux[0][dead_ids].abs().sum() > 0 and g_aux[1][dead_ids].abs().sum() > 0
+    live = ~dead
+    assert (g_aux[0][live] == 0).all() and (g_aux[1][live] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_auxk_matches_topk_encode(backend, device, dtype):
+    """Same aux entries (values, ids, missing slots) as topk_encode in every dtype, random data."""
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter cannot do bf16 arithmetic")
+    g = torch.Generator().manual_seed(11)
+    n, d, m = 7, 10, 45
+    x, W, b_enc, b_dec = (torch.randn(*s, generator=g).to(device, dtype) for s in ((n, d), (m, d), (m,), (d,)))
+    dead = torch.rand(m, generator=g).to(device) < 0.3
+    for k_aux in (3, int(dead.sum()) + 2):
+        bt = sae_fast.batchtopk_encode(x, W, b_enc, 4, b_dec=b_dec, dead_mask=dead, k_aux=k_aux,
+                                       index_dtype=torch.int32, backend=backend)
+        tk = sae_fast.topk_encode(x, W, b_enc, 4, b_dec=b_dec, dead_mask=dead, k_aux=k_aux, index_dtype=torch.int32,
+                                  backend=backend)
+        assert bt.aux_indices.dtype == torch.int32
+        assert torch.equal(bt.aux_indices, tk.aux_indices) and torch.equal(bt.aux_values, tk.aux_values)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_auxk_survives_the_saturated_row_retry(backend, device):
+    """Row 2 takes the whole budget, so its candidate list is recomputed twice: its aux entries
+    (and everyone's) must still be the explicit top-k_aux among dead latents."""
+    n, d, m, k = 6, 5, 300, 4
+    x, W, b_enc, b_dec = (t.detach() for t in _int_leaves(n, d, m, device, _dtype(backend)))
+    W = W.abs() + 1
+    x = x.abs()
+    x[2] += 50.0
+    dead = torch.zeros(m, dtype=torch.bool, device=device)
+    dead[::7] = True
+    codes = sae_fast.batchtopk_encode(x, W, b_enc, k, dead_mask=dead, k_aux=6, backend=backend)
+    _, keep = _dense_batch(x, W, b_enc, None, k)
+    _, mask = _to_dense(codes, n, m)
+    assert keep[2].sum() == n * k and torch.equal(mask, keep)
+    want_v, want_i = _dense_aux(x, W, b_enc, torch.zeros_like(x[0]), dead, 6)
+    assert torch.equal(codes.aux_indices, want_i) and torch.equal(codes.aux_values, want_v)
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (dict(k_aux=2), ValueError, "needs dead_mask"),
+        (dict(k_aux=-1, dead_mask=torch.ones(20, dtype=torch.bool)), ValueError, "k_aux must be"),
+        (dict(k_aux=21, dead_mask=torch.ones(20, dtype=torch.bool)), ValueError, "k_aux must be"),
+        (dict(k_aux=2.0, dead_mask=torch.ones(20, dtype=torch.bool)), ValueError, "k_aux must be"),
+        (dict(k_aux=True, dead_mask=torch.ones(20, dtype=torch.bool)), ValueError, "k_aux must be"),
+        (dict(k_aux=2, dead_mask=torch.ones(19, dtype=torch.bool)), ValueError, "dead_mask must be"),
+        (dict(k_aux=2, dead_mask=torch.ones(20)), TypeError, "dead_mask"),
+        (dict(k_aux=2, dead_mask=torch.ones(4, 5, dtype=torch.bool)), ValueError, "dead_mask"),
+        (dict(k_aux=2, dead_mask=torch.ones(20, dtype=torch.bool), threshold=0.5), ValueError, "training mode"),
+    ],
+)
+def test_bad_auxk_input(change, exc, match):
+    args = dict(x=torch.randn(4, 6), W_enc=torch.randn(20, 6), b_enc=torch.randn(20), k=3)
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        sae_fast.batchtopk_encode(args.pop("x"), args.pop("W_enc"), args.pop("b_enc"), args.pop("k"), **args)
+
+
+def test_auxk_dead_mask_on_another_device():
+    meta_mask = torch.ones(20, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="dead_mask is on meta"):
+        sae_fast.batchtopk_encode(torch.randn(4, 6), torch.randn(20, 6), None, 3, dead_mask=meta_mask, k_aux=2)
+
+
+def test_auxk_op_refuses_inference_mode():
+    """The op itself (not only the wrapper) refuses AuxK with a threshold."""
+    x, W = torch.randn(4, 6), torch.randn(20, 6)
+    with pytest.raises(ValueError, match="training mode"):
+        batchtopk_encode_op(x, W, None, None, torch.tensor(0.1), 3, "reference", torch.ones(20, dtype=torch.bool), 2)
 
 
 # ---- the threshold kernel's capacity retry, and its per-latent thresholds (JumpReLU)
@@ -248,5 +393,6 @@ def test_strided_weight(backend, device, threshold):
     assert not Wt.is_contiguous()
     got = sae_fast.batchtopk_encode(x, Wt, b_enc, 3, b_dec=b_dec, threshold=threshold, backend=backend)
     want = sae_fast.batchtopk_encode(x, W, b_enc, 3, b_dec=b_dec, threshold=threshold, backend=backend)
-    for a, b in zip(got, want):
+    for a, b in zip(got[:4], want[:4]):
         assert torch.equal(a, b)
+    assert got.aux_values is None and got.aux_indices is None

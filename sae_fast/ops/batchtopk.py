@@ -17,7 +17,15 @@ without an ``[N, M]`` tensor:
    When no row is saturated, the union's top k·N is the batch's top k·N (a winner beyond a
    row's list would be below that row's last candidate, itself below k·N union entries).
 
-Backward: the same sparse products as TopK, with explicit row ids (``csr_grad_weight``).
+AuxK (training mode, ``dead_mask`` and ``k_aux`` > 0): each row's top-``k_aux`` pre-activations
+among dead latents, exactly as ``topk_encode`` returns them (raw ``pre``, descending, ties: the
+smaller latent id; slots beyond the number of dead latents hold value 0 and index 0 and get no
+gradient). They come from the same fused pass as step 1; the recomputation of saturated rows
+(step 3) widens the batch candidates only and leaves the aux lists as they are (they do not
+depend on the capacity).
+
+Backward: the same sparse products as TopK, with explicit row ids (``csr_grad_weight``); the
+aux entries add TopK's dense-[N, k_aux] products.
 """
 
 from typing import NamedTuple, Optional
@@ -28,7 +36,7 @@ from .. import _backend
 from ..reference.threshold import threshold_select
 from ..reference.topk import topk_select
 from . import _checks
-from .decode import csr_encoder_backward
+from .decode import csr_encoder_backward, sparse_decode_grad_weight, sparse_decode_op
 
 _OP = "batchtopk_encode"
 
@@ -37,30 +45,43 @@ class BatchTopKCodes(NamedTuple):
     """CSR codes: row n holds ``values[row_offsets[n]:row_offsets[n+1]]`` at latents
     ``indices[...]`` (ascending). ``threshold`` (0-d, x's dtype): in training mode the smallest
     kept value (0 when nothing is kept), for a running inference threshold; in inference mode
-    the threshold used."""
+    the threshold used. ``aux_values`` / ``aux_indices`` [N, k_aux] (training mode with a dead
+    mask and k_aux > 0, else None): as ``TopKCodes``' — the pre-activations (no ReLU) of each
+    row's top dead latents; a row with fewer dead latents than k_aux has value 0 and index 0 in
+    the missing slots."""
 
     values: torch.Tensor
     indices: torch.Tensor
     row_offsets: torch.Tensor
     threshold: torch.Tensor
+    aux_values: Optional[torch.Tensor] = None
+    aux_indices: Optional[torch.Tensor] = None
 
 
-def _candidates(x, W_enc, b_enc, b_dec, c, backend):
-    """Each row's c best (pre [r, c] descending, latent [r, c]) under the TopK tie rule."""
+def _candidates(x, W_enc, b_enc, b_dec, c, backend, dead_mask=None, k_aux=0):
+    """Each row's c best (pre [r, c] descending, latent [r, c]) under the TopK tie rule, and
+    with a dead mask and k_aux > 0 the top-k_aux among dead latents (aux_pre [r, k_aux], 0 in
+    missing slots; aux_indices, 0 there), else two empty [r, 0] tensors: TopK's AuxK part."""
+    want_aux = dead_mask is not None and k_aux > 0
     if backend == "reference":
-        sel = topk_select(x, W_enc, b_enc, c, b_dec=b_dec)
-        return sel.pre, sel.indices
+        sel = topk_select(x, W_enc, b_enc, c, b_dec=b_dec, dead_mask=dead_mask if want_aux else None,
+                          k_aux=k_aux if want_aux else 0)
+        if sel.aux_pre is None:
+            return sel.pre, sel.indices, x.new_zeros((x.shape[0], 0)), sel.indices.new_zeros((x.shape[0], 0))
+        return sel.pre, sel.indices, sel.aux_pre.masked_fill(torch.isinf(sel.aux_pre), 0), sel.aux_indices
     from ..triton_kernels import topk_encode as fused
 
-    pre, idx, _, _ = fused.topk_encode(x, W_enc, b_enc, b_dec, c)
-    return pre, idx
+    if not want_aux:
+        pre, idx, _, _ = fused.topk_encode(x, W_enc, b_enc, b_dec, c)
+        return pre, idx, x.new_zeros((x.shape[0], 0)), idx.new_zeros((x.shape[0], 0))
+    return fused.topk_encode(x, W_enc, b_enc, b_dec, c, dead_mask, k_aux)
 
 
-def _batch_select(x, W_enc, b_enc, b_dec, k, backend):
+def _batch_select(x, W_enc, b_enc, b_dec, k, backend, dead_mask=None, k_aux=0):
     n, m = x.shape[0], W_enc.shape[0]
     total = k * n
     cap = min(m, 2 * k)
-    pre, idx = _candidates(x, W_enc, b_enc, b_dec, cap, backend)
+    pre, idx, aux_pre, aux_idx = _candidates(x, W_enc, b_enc, b_dec, cap, backend, dead_mask, k_aux)
     vals, lats = pre.reshape(-1), idx.reshape(-1)
     rows = torch.arange(n, device=x.device).repeat_interleave(cap)
     caps = torch.full((n,), cap, device=x.device, dtype=torch.int64)
@@ -73,7 +94,7 @@ def _batch_select(x, W_enc, b_enc, b_dec, k, backend):
             break
         again = saturated.nonzero().view(-1)
         new_cap = min(m, 4 * int(caps[again].max()))
-        pre2, idx2 = _candidates(x[again], W_enc, b_enc, b_dec, new_cap, backend)
+        pre2, idx2, _, _ = _candidates(x[again], W_enc, b_enc, b_dec, new_cap, backend)  # (no aux: kept)
         keep = ~saturated[rows]  # drop the old, shorter lists of the recomputed rows
         vals = torch.cat([vals[keep], pre2.reshape(-1)])
         lats = torch.cat([lats[keep], idx2.reshape(-1)])
@@ -94,7 +115,7 @@ def _batch_select(x, W_enc, b_enc, b_dec, k, backend):
     row_offsets = torch.zeros(n + 1, device=x.device, dtype=torch.int64)
     torch.cumsum(counts, 0, out=row_offsets[1:])
     threshold = vals.min() if vals.numel() else x.new_zeros(())
-    return vals[order], lats[order], row_offsets, threshold.reshape(())
+    return vals[order], lats[order], row_offsets, threshold.reshape(()), aux_pre, aux_idx
 
 
 def _threshold_select(x, W_enc, b_enc, b_dec, threshold, k, backend):
@@ -114,33 +135,73 @@ def batchtopk_encode_op(
     threshold: Optional[torch.Tensor],
     k: int,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dead_mask: Optional[torch.Tensor] = None,
+    k_aux: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, indices, row_offsets, threshold, aux_pre [N, k_aux'], aux_indices [N, k_aux']),
+    k_aux' = k_aux with a dead mask in training mode, else 0."""
     if threshold is None:
-        return _batch_select(x, W_enc, b_enc, b_dec, k, backend)
+        return _batch_select(x, W_enc, b_enc, b_dec, k, backend, dead_mask, k_aux)
+    if dead_mask is not None and k_aux > 0:
+        raise ValueError(f"{_OP}: AuxK (k_aux={k_aux}) needs training mode (threshold=None)")
     vals, idx, row_offsets = _threshold_select(x, W_enc, b_enc, b_dec, threshold, k, backend)
-    return vals, idx, row_offsets, threshold.to(x.dtype).clone()
+    n = x.shape[0]
+    return (vals, idx, row_offsets, threshold.to(x.dtype).clone(), x.new_zeros((n, 0)),
+            idx.new_zeros((n, 0), dtype=torch.int64))
 
 
 @batchtopk_encode_op.register_fake
-def _(x, W_enc, b_enc, b_dec, threshold, k, backend):
+def _(x, W_enc, b_enc, b_dec, threshold, k, backend, dead_mask=None, k_aux=0):
     nnz = torch.library.get_ctx().new_dynamic_size()
+    n = x.shape[0]
+    k_aux = k_aux if dead_mask is not None and threshold is None else 0
     return (x.new_empty((nnz,)), x.new_empty((nnz,), dtype=torch.int64),
-            x.new_empty((x.shape[0] + 1,), dtype=torch.int64), x.new_empty(()))
+            x.new_empty((n + 1,), dtype=torch.int64), x.new_empty(()),
+            x.new_empty((n, k_aux)), x.new_empty((n, k_aux), dtype=torch.int64))
 
 
 def _setup_context(ctx, inputs, output):
-    x, W_enc, b_enc, b_dec, threshold, k, backend = inputs
-    _, indices, row_offsets, _ = output
-    ctx.save_for_backward(x, W_enc, b_dec, indices, row_offsets)
+    x, W_enc, b_enc, b_dec, threshold, k, backend, dead_mask, k_aux = inputs
+    _, indices, row_offsets, _, aux_pre, aux_indices = output
+    k_aux = aux_pre.shape[1]
+    # As topk: dead_mask is per latent, so every row has the same number of real aux slots, the
+    # first min(k_aux, #dead); the rest (value 0, index 0) get no gradient.
+    aux_valid = (torch.arange(k_aux, device=x.device) < dead_mask.sum()) if k_aux else x.new_zeros(0, dtype=torch.bool)
+    ctx.save_for_backward(x, W_enc, b_dec, indices, row_offsets, aux_indices, aux_valid)
     ctx.has_b_enc = b_enc is not None
+    ctx.has_aux = k_aux > 0
     ctx.backend = backend
 
 
-def _backward(ctx, grad_values, _gi, _go, _gt):
-    x, W_enc, b_dec, indices, row_offsets = ctx.saved_tensors
-    grads = csr_encoder_backward(grad_values, x, W_enc, b_dec, indices, row_offsets, ctx.needs_input_grad[:4],
-                                 ctx.has_b_enc, ctx.backend)
-    return (*grads, None, None, None)
+def _aux_backward(grad_aux, x, W_enc, b_dec, aux_indices, aux_valid, needs, has_b_enc, backend):
+    """TopK's AuxK gradients (ops/topk.py): entries (n, j) at latent aux_indices[n, j] with
+    upstream G = grad_aux·valid: ∂x = Σ_j G·W_enc[I] (sparse decode), ∂W_enc / ∂b_enc = the
+    weight gradient against x̄ / ones, ∂b_dec = -Σ_n ∂x_n."""
+    n, m = x.shape[0], W_enc.shape[0]
+    G = (grad_aux * aux_valid.to(grad_aux.dtype)).contiguous()
+    need_x, need_W, need_b_enc, need_b_dec = needs
+    grad_x = grad_W = grad_b_enc = grad_b_dec = None
+    if need_x or need_b_dec:
+        dx = sparse_decode_op(G, aux_indices, W_enc, None, backend, False)
+        grad_x = dx if need_x else None
+        grad_b_dec = -dx.sum(0, dtype=_checks.accumulation_dtype(dx.dtype)).to(dx.dtype) if need_b_dec else None
+    if need_W:
+        x_bar = x if b_dec is None else x - b_dec
+        grad_W = sparse_decode_grad_weight(x_bar.contiguous(), G, aux_indices, m, backend)
+    if need_b_enc and has_b_enc:
+        grad_b_enc = sparse_decode_grad_weight(x.new_ones((n, 1)), G, aux_indices, m, backend).view(m)
+    return grad_x, grad_W, grad_b_enc, grad_b_dec
+
+
+def _backward(ctx, grad_values, _gi, _go, _gt, grad_aux, _gai):
+    x, W_enc, b_dec, indices, row_offsets, aux_indices, aux_valid = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    grads = csr_encoder_backward(grad_values, x, W_enc, b_dec, indices, row_offsets, needs, ctx.has_b_enc,
+                                 ctx.backend)
+    if ctx.has_aux and grad_aux is not None:
+        aux = _aux_backward(grad_aux, x, W_enc, b_dec, aux_indices, aux_valid, needs, ctx.has_b_enc, ctx.backend)
+        grads = tuple(a if b is None else (b if a is None else a + b) for a, b in zip(grads, aux))
+    return (*grads, None, None, None, None, None)
 
 
 batchtopk_encode_op.register_autograd(_backward, setup_context=_setup_context)
@@ -154,6 +215,8 @@ def batchtopk_encode(
     *,
     b_dec: Optional[torch.Tensor] = None,
     threshold=None,
+    dead_mask: Optional[torch.Tensor] = None,
+    k_aux: int = 0,
     index_dtype: torch.dtype = torch.int64,
     backend: Optional[str] = None,
 ) -> BatchTopKCodes:
@@ -167,14 +230,29 @@ def batchtopk_encode(
             the batch (ties: row-major order), 1 <= k <= M.
         threshold: None for training mode; a float or 0-d tensor for inference mode, which
             keeps every entry with ``pre > threshold`` (and ``pre > 0``).
+        dead_mask: ``[M]`` bool, latents counted as dead for AuxK; with ``k_aux`` > 0 (training
+            mode only) each row's top-``k_aux`` pre-activations among them are returned too,
+            differentiably, exactly as ``topk_encode`` returns them.
         index_dtype: torch.int64 (default) or torch.int32 for the returned indices.
 
-    Returns BatchTopKCodes(values, indices, row_offsets, threshold); see its docstring.
-    Differentiable with respect to x, W_enc, b_enc and b_dec through the kept entries.
+    Returns BatchTopKCodes(values, indices, row_offsets, threshold, aux_values, aux_indices);
+    see its docstring. Differentiable with respect to x, W_enc, b_enc and b_dec through the
+    kept (and aux) entries.
     """
     n, d, m = _checks.check_encoder_inputs(_OP, x, W_enc, b_enc, b_dec)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m:
         raise ValueError(f"{_OP}: k must be an int in [1, M={m}], got {k!r}")
+    if isinstance(k_aux, bool) or not isinstance(k_aux, int) or not 0 <= k_aux <= m:
+        raise ValueError(f"{_OP}: k_aux must be an int in [0, M={m}], got {k_aux!r}")
+    if k_aux > 0 and dead_mask is None:
+        raise ValueError(f"{_OP}: k_aux={k_aux} needs dead_mask")
+    if k_aux > 0 and threshold is not None:
+        raise ValueError(f"{_OP}: AuxK (k_aux={k_aux}) is for training mode; got a threshold (inference mode)")
+    if dead_mask is not None:
+        _checks.check_tensor(_OP, "dead_mask", dead_mask, dim=1, dtypes=(torch.bool,))
+        if dead_mask.shape[0] != m:
+            raise ValueError(f"{_OP}: dead_mask must be [{m}], got {tuple(dead_mask.shape)}")
+        _checks.check_same_device(_OP, x=x, dead_mask=dead_mask)
     if index_dtype not in _checks.INDEX_DTYPES:
         raise TypeError(f"{_OP}: index_dtype must be torch.int64 or torch.int32, got {index_dtype}")
     if threshold is not None:
@@ -193,5 +271,10 @@ def batchtopk_encode(
                 raise ValueError(f"{_OP}: threshold is NaN")
             threshold = torch.tensor(float(threshold), device=x.device, dtype=x.dtype)
     resolved = _backend.resolve_backend(backend, x.device, x.dtype, _OP)
-    values, indices, row_offsets, thr = batchtopk_encode_op(x, W_enc, b_enc, b_dec, threshold, k, resolved)
-    return BatchTopKCodes(values, indices.to(index_dtype), row_offsets, thr)
+    use_aux = k_aux > 0  # (implies a dead mask and training mode, checked above)
+    values, indices, row_offsets, thr, aux_pre, aux_indices = batchtopk_encode_op(
+        x, W_enc, b_enc, b_dec, threshold, k, resolved, dead_mask if use_aux else None, k_aux if use_aux else 0)
+    codes = BatchTopKCodes(values, indices.to(index_dtype), row_offsets, thr)
+    if use_aux:
+        codes = codes._replace(aux_values=aux_pre, aux_indices=aux_indices.to(index_dtype))
+    return codes
