@@ -201,7 +201,7 @@ def _aux_weight(trainer) -> float:
     """The weight of ``out.aux_loss`` in the trainer's loss (mirrors ``Trainer.train_step`` and
     ``SparseAutoencoder.forward``)."""
     scfg, c = trainer.sae.cfg, trainer.cfg
-    if scfg.architecture == "topk":
+    if scfg.architecture in ("topk", "batchtopk"):  # AuxK (zero for batchtopk with no dead latents)
         return scfg.aux_coeff
     if scfg.architecture == "relu":
         return scfg.l1_coeff
@@ -311,7 +311,7 @@ class DataParallel:
         n_local = x.shape[0]
         n_global = n_local * self.world_size
         parts = [target]
-        auxk = sae.cfg.architecture == "topk" and getattr(out.codes, "aux_values", None) is not None
+        auxk = sae.cfg.architecture in ("topk", "batchtopk") and getattr(out.codes, "aux_values", None) is not None
         if auxk:  # SparseAutoencoder._auxk_loss normalises by the residual's variance
             parts.append(target - out.x_hat.detach())
         sums = self._variance_sums(parts)
@@ -339,14 +339,18 @@ class DataParallel:
         metrics = dict(loss=totals[0].item(), fvu=totals[1].item(), aux=totals[2].item(), l0=totals[3].item())
         return loss, metrics
 
-    def global_batchtopk(self, sae, x: torch.Tensor):
+    def global_batchtopk(self, sae, x: torch.Tensor, dead_mask: Optional[torch.Tensor] = None):
         """BatchTopK codes for this rank's rows under the selection of the global batch (the
-        ``batch_select`` of ``SparseAutoencoder.forward``). Collective."""
+        ``batch_select`` of ``SparseAutoencoder.forward``). With ``dead_mask`` and
+        ``cfg.k_aux`` > 0 the AuxK entries too: they are per row, so the local encode's are the
+        global ones. Collective."""
         from . import ops
 
         cfg, world, n = sae.cfg, self.world_size, x.shape[0]
         wide_k = min(cfg.k * world, cfg.num_latents)
-        wide = ops.batchtopk_encode(x, sae.W_enc, sae.b_enc, wide_k, b_dec=sae._centre(), backend=sae.backend)
+        k_aux = cfg.k_aux if dead_mask is not None else 0
+        wide = ops.batchtopk_encode(x, sae.W_enc, sae.b_enc, wide_k, b_dec=sae._centre(),
+                                    dead_mask=dead_mask if k_aux else None, k_aux=k_aux, backend=sae.backend)
         budget, cap = cfg.k * n * world, wide_k * n
         vals = wide.values.detach()  # > 0, CSR order = row-major
         padded = vals.new_full((cap,), float("-inf"))
@@ -369,7 +373,8 @@ class DataParallel:
         row_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(wide.row_offsets.dtype)
         kept = flat[flat > float("-inf")]
         smallest = cut if bool(torch.isfinite(cut)) else (kept.min() if kept.numel() else flat.new_zeros(()))
-        return ops.BatchTopKCodes(wide.values[keep], wide.indices[keep], row_offsets, smallest.reshape(()))
+        return ops.BatchTopKCodes(wide.values[keep], wide.indices[keep], row_offsets, smallest.reshape(()),
+                                  wide.aux_values, wide.aux_indices)
 
     # ---- gradients and per-step state
 

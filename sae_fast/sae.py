@@ -6,7 +6,7 @@ Canonical, latent-major parameters: ``W_enc [M, d_in]``, ``b_enc [M]``, ``W_dec 
 
 * ``topk``: k largest pre-activations per row, ReLU (``topk_encode``; AuxK with a dead mask);
 * ``batchtopk``: k·N largest over the batch in training, the learned scalar ``threshold``
-  buffer at inference (``batchtopk_encode``); CSR codes;
+  buffer at inference (``batchtopk_encode``); CSR codes; AuxK in training like topk;
 * ``jumprelu``: per-latent thresholds (``jumprelu_encode`` / ``jumprelu_training_forward``);
 * ``relu``: ReLU with an L1 penalty (dense activations written by the threshold kernel).
 
@@ -48,7 +48,7 @@ class SAEConfig:
     d_out: Optional[int] = None  # None: d_in (an autoencoder); otherwise a transcoder
     skip_connection: bool = False
     apply_b_dec_to_input: bool = True
-    k_aux: int = 0  # AuxK latents (topk); 0 disables AuxK
+    k_aux: int = 0  # AuxK latents (topk, batchtopk in training); 0 disables AuxK
     aux_coeff: float = 1 / 32
     bandwidth: float = 0.05  # JumpReLU straight-through bandwidth
     initial_threshold: float = 0.01  # JumpReLU
@@ -86,7 +86,7 @@ class SAEOutput(NamedTuple):
     # listed entries (near-threshold inactive ones carry value 0)
     fvu: torch.Tensor
     l0: torch.Tensor
-    aux_loss: torch.Tensor  # AuxK (topk), L1 (relu), coefficient-free L0 (jumprelu), else 0
+    aux_loss: torch.Tensor  # AuxK (topk, batchtopk), L1 (relu), coefficient-free L0 (jumprelu), else 0
     loss: torch.Tensor  # fvu + the architecture's weighted auxiliary term
 
 
@@ -177,9 +177,11 @@ class SparseAutoencoder(nn.Module):
                                    dead_mask=dead_mask if k_aux else None, k_aux=k_aux, backend=self.backend)
         if arch == "batchtopk":
             use_threshold = not self.training and float(self.batch_threshold) >= 0
+            # AuxK belongs to the batch selection (training mode): the threshold path has none
+            k_aux = self.cfg.k_aux if dead_mask is not None and not use_threshold else 0
             return ops.batchtopk_encode(x, self.W_enc, self.b_enc, self.cfg.k, b_dec=self._centre(),
                                         threshold=self.batch_threshold if use_threshold else None,
-                                        backend=self.backend)
+                                        dead_mask=dead_mask if k_aux else None, k_aux=k_aux, backend=self.backend)
         if arch == "jumprelu":
             return ops.jumprelu_encode(x, self.W_enc, self.b_enc, self.threshold.detach(), b_dec=self._centre(),
                                        backend=self.backend)
@@ -219,9 +221,11 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None, *,
                 dead_mask: Optional[torch.Tensor] = None, batch_select=None) -> SAEOutput:
         """Reconstruction, codes and loss terms. ``y``: the transcoder target (default x);
-        ``dead_mask`` [M] bool: latents dead for AuxK (topk). ``batch_select`` (batchtopk in
-        training): ``f(sae, x) -> BatchTopKCodes`` replacing the selection over this batch, x
-        being the encoder's input (data-parallel training selects over the global batch)."""
+        ``dead_mask`` [M] bool: latents dead for AuxK (topk; batchtopk in training mode or while
+        no threshold is set). ``batch_select`` (batchtopk in training): ``f(sae, x) ->
+        BatchTopKCodes`` replacing the selection over this batch, x being the encoder's input
+        (data-parallel training selects over the global batch); with a dead mask and k_aux > 0
+        it is called as ``f(sae, x, dead_mask=dead_mask)`` and must return the aux entries."""
         target = x if y is None else y
         arch = self.cfg.architecture
         zero = x.new_zeros((), dtype=torch.float32)
@@ -235,15 +239,19 @@ class SparseAutoencoder(nn.Module):
             f = fvu(x_hat, target)
             return SAEOutput(x_hat, codes, f, l0.float(), l0.float(), f + self.cfg.l0_coeff * l0.float())
         if batch_select is not None and arch == "batchtopk" and self.training:
-            codes = batch_select(self, xn)
+            codes = (batch_select(self, xn, dead_mask=dead_mask) if dead_mask is not None and self.cfg.k_aux > 0
+                     else batch_select(self, xn))
         else:
             codes = self._encode(xn, dead_mask)
         x_hat = self._finish(self._decode(codes), x, stats)
         f = fvu(x_hat, target)
         aux = zero
-        if arch == "topk":
-            l0 = (codes.values > 0).sum(1).float().mean()
-            if codes.aux_values is not None and dead_mask is not None:
+        if arch in ("topk", "batchtopk"):
+            if arch == "topk":
+                l0 = (codes.values > 0).sum(1).float().mean()
+            else:
+                l0 = (codes.row_offsets[-1] / max(x.shape[0], 1)).float()
+            if getattr(codes, "aux_values", None) is not None and dead_mask is not None:
                 aux = self._auxk_loss(codes, target - x_hat.detach(), int(dead_mask.sum()),
                                       None if stats is None else stats[1])
             weight = self.cfg.aux_coeff

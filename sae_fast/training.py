@@ -106,7 +106,7 @@ class Trainer:
         sae.train()
         dead = self.tokens_since_fired >= c.dead_tokens
         kwargs = {}
-        if sae.cfg.architecture == "topk" and sae.cfg.k_aux > 0 and bool(dead.any()):
+        if sae.cfg.architecture in ("topk", "batchtopk") and sae.cfg.k_aux > 0 and bool(dead.any()):
             kwargs["dead_mask"] = dead
         if self.dp is not None and sae.cfg.architecture == "batchtopk" and self.dp.batchtopk == "global":
             kwargs["batch_select"] = self.dp.global_batchtopk

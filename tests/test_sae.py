@@ -147,8 +147,9 @@ def test_training_lowers_the_loss(arch):
         assert float(sae.batch_threshold) > 0
 
 
-def test_auxk_trains_dead_latents_encoder_rows():
-    sae = _sae("topk", k_aux=4)
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_auxk_trains_dead_latents_encoder_rows(arch):
+    sae = _sae(arch, k_aux=4)
     x = _x(n=32)
     dead = torch.zeros(40, dtype=torch.bool)
     dead[20:] = True
@@ -157,6 +158,52 @@ def test_auxk_trains_dead_latents_encoder_rows():
     (out.aux_loss).backward()
     assert sae.W_enc.grad[20:].abs().sum() > 0  # AuxK reaches the dead latents' encoder rows
     assert sae.W_enc.grad[:20].abs().sum() == 0
+
+
+def test_batchtopk_auxk_loss_matches_the_dense_formula():
+    """Gao et al.'s AuxK on the BatchTopK module: the residual x - x̂ reconstructed (no decoder
+    bias) from each row's top-k_aux ReLU'd pre-activations among dead latents, scaled by
+    min(#dead / k_aux, 1), normalised like the FVU; total loss = fvu + aux_coeff·aux. Also in
+    eval mode before any threshold is set (the batch selection still runs)."""
+    sae = _sae("batchtopk", k_aux=6, aux_coeff=0.25)
+    x = _x(n=16)
+    for dead_ids, mode in (([1, 5, 9, 30], "train"), (list(range(10, 40)), "train"), ([1, 5, 9, 30], "eval")):
+        sae.train(mode == "train")
+        dead = torch.zeros(40, dtype=torch.bool)
+        dead[dead_ids] = True
+        out = sae(x, dead_mask=dead)
+        pre = (x - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+        order = torch.sort(pre.detach().masked_fill(~dead, float("-inf")), dim=1, descending=True, stable=True).indices
+        idx = order[:, :min(6, len(dead_ids))]
+        aux_acts = torch.zeros_like(pre).scatter(1, idx, torch.relu(torch.gather(pre, 1, idx)))
+        residual = (x - out.x_hat).detach()
+        want = min(len(dead_ids) / 6, 1.0) * ((residual - aux_acts @ sae.W_dec).pow(2).sum()
+                                              / (residual - residual.mean(0)).pow(2).sum())
+        torch.testing.assert_close(out.aux_loss, want.float())
+        torch.testing.assert_close(out.loss, out.fvu + 0.25 * out.aux_loss)
+        torch.testing.assert_close(out.x_hat, _dense_acts(sae, x) @ sae.W_dec + sae.b_dec)  # AuxK leaves x̂ alone
+    sae.train()
+    assert sae(x).aux_loss == 0  # no dead mask: no AuxK
+    with torch.no_grad():
+        sae.batch_threshold.fill_(0.05)
+    sae.eval()  # inference with the threshold: no AuxK even with a dead mask
+    assert sae(x, dead_mask=dead).aux_loss == 0 and sae(x, dead_mask=dead).codes.aux_values is None
+
+
+def test_trainer_passes_dead_mask_for_batchtopk():
+    from sae_fast.demo import synthetic_data
+
+    data, _ = synthetic_data(DemoConfig(d=16, num_features=32, samples=1024), torch.Generator().manual_seed(0))
+    sae = SparseAutoencoder(SAEConfig(d_in=16, num_latents=64, architecture="batchtopk", k=2, k_aux=8),
+                            backend="reference")
+    trainer = Trainer(sae, TrainConfig(steps=12, batch_size=64, lr=3e-3, log_every=1, dead_tokens=64), progress=False)
+    seen = []
+    forward = sae.forward
+    sae.forward = lambda *a, **kw: (seen.append(kw.get("dead_mask")), forward(*a, **kw))[1]
+    history = trainer.fit(data)
+    assert seen[0] is None  # nobody is dead before the first step
+    assert any(m is not None and bool(m.any()) for m in seen)
+    assert any(row["aux"] > 0 for row in history)
 
 
 def test_non_finite_loss_stops_before_the_step(tmp_path):
