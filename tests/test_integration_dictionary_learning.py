@@ -319,6 +319,36 @@ def test_topk_trainer_update_and_auxk_off():
     assert_same_state(tr, twin)
 
 
+@pytest.mark.parametrize("case", ["fused", "recomputed", "none_dead"])
+def test_batchtopk_trainer_loss_auxk(case, monkeypatch):
+    """AuxK from the fused batch selection (no second encoder pass) when the dead set guessed
+    before the batch is exact; recomputed when a guessed-dead latent fires in the batch."""
+    tr, x = make_trainer(BatchTopKTrainer, threshold_start_step=0), batch()
+    tr.dead_feature_threshold = 40
+    with torch.no_grad():
+        fired = (tr.ae.encode(x, use_threshold=False) > 0).any(0).nonzero().view(-1)
+    ntsf = torch.full((M,), 40 - N)  # every latent that does not fire in this batch becomes dead
+    if case == "none_dead":
+        ntsf.zero_()
+    ntsf[fired] = 0
+    if case == "recomputed":  # two latents dead before the batch fire in it: the aux set shrinks
+        ntsf[fired[:2]] = 50
+    tr.num_tokens_since_fired = ntsf
+    twin = copy.deepcopy(tr)
+    dl.accelerate(tr, backend=REF)
+    counter = CountCalls(dl.topk_encode)  # the second pass (_aux_codes) goes through topk_encode
+    monkeypatch.setattr(dl, "topk_encode", counter)
+    loss, ref = tr.loss(x, step=1), twin.loss(x, step=1)
+    assert counter.calls == (1 if case == "recomputed" else 0)
+    close(loss, ref, "loss")
+    assert_same_state(tr, twin)
+    assert (tr.dead_features > 0) == (case != "none_dead")
+    loss.backward(), ref.backward()
+    assert_same_grads(tr.ae, twin.ae, "loss")
+    dead = tr.num_tokens_since_fired >= tr.dead_feature_threshold
+    assert (tr.ae.encoder.weight.grad[dead].abs().sum() > 0) == (case != "none_dead")
+
+
 @pytest.mark.parametrize("dead", [False, True])
 def test_batchtopk_trainer_loss(dead):
     tr, x = make_trainer(BatchTopKTrainer, threshold_start_step=1), batch()

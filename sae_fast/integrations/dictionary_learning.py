@@ -419,7 +419,16 @@ def _patch_batchtopk_trainer(handle: Acceleration, trainer, backend) -> None:
         ae = self.ae
         n, m = x.shape[0], ae.encoder.weight.shape[0]
         w = _topk_weights(ae, x)
-        codes = batchtopk_encode(w.x, w.W_enc, w.b_enc, k_of(ae.k), b_dec=w.centre, backend=backend)
+        # AuxK's dead set, as in the TopK trainer: the superset known before the selection
+        # feeds the fused aux candidates; if one of those latents fires in this batch, the aux
+        # candidates are recomputed on the exact set.
+        dead_guess, k_aux_guess = None, 0
+        if self.top_k_aux > 0:
+            dead_guess = (self.num_tokens_since_fired + n) >= self.dead_feature_threshold
+            k_aux_guess = min(self.top_k_aux, int(dead_guess.sum()))
+        codes = batchtopk_encode(w.x, w.W_enc, w.b_enc, k_of(ae.k), b_dec=w.centre,
+                                 dead_mask=dead_guess.to(x.device) if k_aux_guess else None, k_aux=k_aux_guess,
+                                 backend=backend)
 
         if step > self.threshold_start_step:
             # the library's update_threshold reads f[f > 0]: exactly the stored CSR values
@@ -438,7 +447,12 @@ def _patch_batchtopk_trainer(handle: Acceleration, trainer, backend) -> None:
         self.dead_features = int(dead.sum())
         if self.dead_features > 0:
             k_aux = min(self.top_k_aux, self.dead_features)
-            aux_values, aux_indices = _aux_codes(w, dead, k_aux, backend) if k_aux > 0 else (None, None)
+            if k_aux > 0 and k_aux == k_aux_guess and torch.equal(dead, dead_guess):
+                aux_values, aux_indices = codes.aux_values, codes.aux_indices
+            elif k_aux > 0:
+                aux_values, aux_indices = _aux_codes(w, dead, k_aux, backend)
+            else:
+                aux_values = aux_indices = None
             auxk_loss = _auxk_loss(self, residual, _aux_reconstruction(w, aux_values, aux_indices, k_aux, backend))
         else:
             self.pre_norm_auxk_loss = -1
