@@ -339,6 +339,35 @@ def _aux_codes(w: _Weights, dead: torch.Tensor, k_aux: int, backend):
     return codes.aux_values, codes.aux_indices
 
 
+def _dead_guess(trainer, n: int):
+    """(superset of the latents dead after this batch, its AuxK width): those dead if nothing
+    fires in the n rows. Known before the selection, so the fused encode can take its aux
+    candidates there; (None, 0) without AuxK."""
+    if trainer.top_k_aux <= 0:
+        return None, 0
+    dead_guess = (trainer.num_tokens_since_fired + n) >= trainer.dead_feature_threshold
+    return dead_guess, min(trainer.top_k_aux, int(dead_guess.sum()))
+
+
+def _auxk_after_batch(trainer, w: _Weights, codes, residual, dead_guess, k_aux_guess: int, backend):
+    """The library's AuxK loss on the latents dead after this batch's counter update: the fused
+    aux entries when the guess was exact, else one aux pass on the exact set. Sets the
+    trainer's ``dead_features`` / ``pre_norm_auxk_loss`` as the library does."""
+    dead = trainer.num_tokens_since_fired >= trainer.dead_feature_threshold
+    trainer.dead_features = int(dead.sum())
+    if trainer.dead_features == 0:
+        trainer.pre_norm_auxk_loss = -1
+        return torch.tensor(0, dtype=residual.dtype, device=residual.device)
+    k_aux = min(trainer.top_k_aux, trainer.dead_features)
+    if k_aux > 0 and k_aux == k_aux_guess and torch.equal(dead, dead_guess):
+        aux_values, aux_indices = codes.aux_values, codes.aux_indices
+    elif k_aux > 0:
+        aux_values, aux_indices = _aux_codes(w, dead, k_aux, backend)
+    else:
+        aux_values = aux_indices = None
+    return _auxk_loss(trainer, residual, _aux_reconstruction(w, aux_values, aux_indices, k_aux, backend))
+
+
 def _mark_fired(trainer, num_tokens: int, fired_indices: torch.Tensor) -> None:
     did_fire = torch.zeros_like(trainer.num_tokens_since_fired, dtype=torch.bool)
     did_fire[fired_indices.to(did_fire.device)] = True
@@ -363,10 +392,7 @@ def _patch_topk_trainer(handle: Acceleration, trainer, backend) -> None:
         # know a superset: those dead if nothing fires (all of them when the threshold is
         # <= 0). The fused selection takes its aux candidates there; if a latent of that set
         # fires in this batch, the aux candidates are recomputed on the exact set.
-        dead_guess, k_aux_guess = None, 0
-        if self.auxk_alpha > 0 and self.top_k_aux > 0:
-            dead_guess = (self.num_tokens_since_fired + n) >= self.dead_feature_threshold
-            k_aux_guess = min(self.top_k_aux, int(dead_guess.sum()))
+        dead_guess, k_aux_guess = _dead_guess(self, n) if self.auxk_alpha > 0 else (None, 0)
         codes = topk_encode(w.x, w.W_enc, w.b_enc, k_of(ae.k), b_dec=w.centre,
                             dead_mask=dead_guess.to(x.device) if k_aux_guess else None, k_aux=k_aux_guess,
                             backend=backend)
@@ -382,21 +408,7 @@ def _patch_topk_trainer(handle: Acceleration, trainer, backend) -> None:
 
         l2_loss = e.pow(2).sum(dim=-1).mean()
         if self.auxk_alpha > 0:
-            residual = e.detach()
-            dead = self.num_tokens_since_fired >= self.dead_feature_threshold
-            self.dead_features = int(dead.sum())
-            if self.dead_features > 0:
-                k_aux = min(self.top_k_aux, self.dead_features)
-                if k_aux > 0 and k_aux == k_aux_guess and torch.equal(dead, dead_guess):
-                    aux_values, aux_indices = codes.aux_values, codes.aux_indices
-                elif k_aux > 0:
-                    aux_values, aux_indices = _aux_codes(w, dead, k_aux, backend)
-                else:
-                    aux_values = aux_indices = None
-                auxk_loss = _auxk_loss(self, residual, _aux_reconstruction(w, aux_values, aux_indices, k_aux, backend))
-            else:
-                self.pre_norm_auxk_loss = -1
-                auxk_loss = torch.tensor(0, dtype=residual.dtype, device=residual.device)
+            auxk_loss = _auxk_after_batch(self, w, codes, e.detach(), dead_guess, k_aux_guess, backend)
         else:
             auxk_loss = 0
         total = l2_loss + self.auxk_alpha * auxk_loss
@@ -422,10 +434,7 @@ def _patch_batchtopk_trainer(handle: Acceleration, trainer, backend) -> None:
         # AuxK's dead set, as in the TopK trainer: the superset known before the selection
         # feeds the fused aux candidates; if one of those latents fires in this batch, the aux
         # candidates are recomputed on the exact set.
-        dead_guess, k_aux_guess = None, 0
-        if self.top_k_aux > 0:
-            dead_guess = (self.num_tokens_since_fired + n) >= self.dead_feature_threshold
-            k_aux_guess = min(self.top_k_aux, int(dead_guess.sum()))
+        dead_guess, k_aux_guess = _dead_guess(self, n)
         codes = batchtopk_encode(w.x, w.W_enc, w.b_enc, k_of(ae.k), b_dec=w.centre,
                                  dead_mask=dead_guess.to(x.device) if k_aux_guess else None, k_aux=k_aux_guess,
                                  backend=backend)
@@ -442,21 +451,7 @@ def _patch_batchtopk_trainer(handle: Acceleration, trainer, backend) -> None:
         _mark_fired(self, n, codes.indices)
 
         l2_loss = e.pow(2).sum(dim=-1).mean()
-        residual = e.detach()
-        dead = self.num_tokens_since_fired >= self.dead_feature_threshold
-        self.dead_features = int(dead.sum())
-        if self.dead_features > 0:
-            k_aux = min(self.top_k_aux, self.dead_features)
-            if k_aux > 0 and k_aux == k_aux_guess and torch.equal(dead, dead_guess):
-                aux_values, aux_indices = codes.aux_values, codes.aux_indices
-            elif k_aux > 0:
-                aux_values, aux_indices = _aux_codes(w, dead, k_aux, backend)
-            else:
-                aux_values = aux_indices = None
-            auxk_loss = _auxk_loss(self, residual, _aux_reconstruction(w, aux_values, aux_indices, k_aux, backend))
-        else:
-            self.pre_norm_auxk_loss = -1
-            auxk_loss = torch.tensor(0, dtype=residual.dtype, device=residual.device)
+        auxk_loss = _auxk_after_batch(self, w, codes, e.detach(), dead_guess, k_aux_guess, backend)
         total = l2_loss + self.auxk_alpha * auxk_loss
 
         if not logging:
