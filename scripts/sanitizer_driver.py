@@ -25,5 +25,14 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
             v = values.clone().requires_grad_()
             Wg = W.detach().clone().requires_grad_()
             sae_fast.sparse_decode(v, indices, Wg, bias, backend="cuda").backward(grad)
+# The vertical-slash index converter: unsorted lists with padding and duplicates, short
+# sequences (seq_lens < context), block sizes that do not divide the context.
+from sae_fast.ops.attention_index import vertical_slash_index
+
+for ctx, bm, bn, nv, ns in ((1000, 64, 64, 37, 11), (257, 64, 32, 5, 300), (64, 128, 64, 1, 1)):
+    vertical = torch.randint(-3, ctx, (2, 3, nv), device=dev, dtype=torch.int32)
+    slash = torch.randint(-3, ctx, (2, 3, ns), device=dev, dtype=torch.int64)
+    seq_lens = torch.tensor([ctx, max(1, ctx // 3)], device=dev)
+    vertical_slash_index(vertical, slash, seq_lens, bm, bn, backend="cuda")
 torch.cuda.synchronize()
 print("sanitizer driver: all kernel paths ran")
