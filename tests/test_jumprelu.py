@@ -199,7 +199,45 @@ def test_compile_fullgraph():
 
 # ---- GPU tier at Gemma Scope sizes: the training forward against dense math on a sample of
 # rows (half-precision GEMMs round differently, so entries within rounding of θ may flip),
-# exact L0 bookkeeping, and no [N, M] allocation.
+# exact L0 bookkeeping; and, separately, no [N, M] allocation.
+
+
+def _gemma_scope_leaves(n, d, m, dtype, theta):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, d, device="cuda", generator=g).to(dtype)
+    W_enc = (torch.randn(m, d, device="cuda", generator=g) * d**-0.5).to(dtype)  # pre ~ N(0, 1)
+    W_dec = (torch.randn(m, d, device="cuda", generator=g) * d**-0.5).to(dtype)
+    b_enc = torch.zeros(m, device="cuda", dtype=dtype)
+    b_dec = torch.zeros(d, device="cuda", dtype=dtype)
+    threshold = torch.full((m,), theta, device="cuda", dtype=dtype)
+    return [t.requires_grad_() for t in (x, W_enc, b_enc, threshold, W_dec, b_dec)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_no_dense_allocation_gpu(dtype):
+    """Peak memory of forward + backward beyond the gradients is the output, a few [N, d]
+    fp32 workspaces, the selection's per-row first-guess buffers and a bounded cost per listed
+    entry; the bound is checked to lie well under one [N, M] tensor, so one would fail it."""
+    n, d, m = 4096, 2304, 131072
+    leaves = _gemma_scope_leaves(n, d, m, dtype, theta=3.0)  # ~0.15% active: L0 ~ 190
+    grad_x_hat = torch.randn(n, d, device="cuda", dtype=dtype)  # the loss's gradient, made up front
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    x_hat, l0, codes = sae_fast.jumprelu_training_forward(*leaves, bandwidth=0.05, return_codes=True)
+    torch.autograd.backward([x_hat, l0], [grad_x_hat, torch.ones_like(l0)])
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    listed = codes.indices.numel()
+    grads_bytes = sum(t.numel() * t.element_size() for t in leaves)
+    bound = (grads_bytes + x_hat.numel() * x_hat.element_size() + 2 * n * d * 4  # output, fp32 workspaces
+             + n * 512 * 16  # the selection's first-guess buffers (512 entries a row)
+             + 64 * listed)  # per listed entry: values, indices, gradients, the latent-major order
+    one_dense = n * m * leaves[0].element_size()
+    assert bound - grads_bytes < one_dense / 2, "the bound could not catch an [N, M] tensor at this size"
+    assert extra < bound, (f"peak extra memory {(extra - grads_bytes) / 2**20:.0f} MiB beyond the gradients for "
+                           f"{listed} listed entries (bound {(bound - grads_bytes) / 2**20:.0f} MiB): an [N, M] tensor?")
 
 
 @pytest.mark.gpu
@@ -207,23 +245,12 @@ def test_compile_fullgraph():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gemma_scope_size_gpu(m, dtype):
     n, d = 4096, 2304
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(n, d, device="cuda", generator=g).to(dtype)
-    W_enc = (torch.randn(m, d, device="cuda", generator=g) * d**-0.5).to(dtype)
-    W_dec = (torch.randn(m, d, device="cuda", generator=g) * d**-0.5).to(dtype)
-    b_enc = torch.zeros(m, device="cuda", dtype=dtype)
-    b_dec = torch.zeros(d, device="cuda", dtype=dtype)
-    theta = torch.full((m,), 2.5, device="cuda", dtype=dtype)  # ~0.6% of N(0,1) entries active
-    leaves = [t.requires_grad_() for t in (x, W_enc, b_enc, theta, W_dec, b_dec)]
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    # θ = 2.5: ~0.6% of N(0,1) entries active, ~800 a row at M = 131072, beyond the
+    # selection's first guess of 512 a row, so its recompute path runs too.
+    leaves = _gemma_scope_leaves(n, d, m, dtype, theta=2.5)
+    x, W_enc, _, theta, W_dec, _ = leaves
     x_hat, l0 = sae_fast.jumprelu_training_forward(*leaves, bandwidth=0.05)
     (x_hat.float().square().sum() + l0).backward()
-    torch.cuda.synchronize()
-    extra = torch.cuda.max_memory_allocated() - base
-    grads_bytes = sum(t.numel() * t.element_size() for t in leaves)
-    assert extra - grads_bytes < n * m * 2 / 16, f"peak extra memory {extra / 2**20:.0f} MiB: an [N, M] tensor?"
     rows = torch.arange(0, n, 97, device="cuda")
     pre = x[rows].detach().float() @ W_enc.detach().float().T
     f = pre * (pre > theta.detach().float())
