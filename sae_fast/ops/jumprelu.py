@@ -148,14 +148,15 @@ jumprelu_gate_op.register_autograd(_gate_backward, setup_context=_gate_setup)
 @torch.library.custom_op("sae_fast::jumprelu_l0", mutates_args=())
 def jumprelu_l0_op(pre: torch.Tensor, indices: torch.Tensor, threshold: torch.Tensor, bandwidth: float,
                    num_rows: int) -> torch.Tensor:
-    """Mean number of active latents per row (0-d, threshold's dtype)."""
+    """Mean number of active latents per row (0-d, fp32 for half-precision thresholds, else
+    the threshold's dtype: bf16 would report an L0 of 500 in steps of 2)."""
     active = pre > threshold.to(pre.dtype)[indices]
-    return (active.sum(dtype=torch.float64) / max(num_rows, 1)).to(threshold.dtype)
+    return (active.sum(dtype=torch.float64) / max(num_rows, 1)).to(_checks.accumulation_dtype(threshold.dtype))
 
 
 @jumprelu_l0_op.register_fake
 def _(pre, indices, threshold, bandwidth, num_rows):
-    return threshold.new_empty(())
+    return threshold.new_empty((), dtype=_checks.accumulation_dtype(threshold.dtype))
 
 
 def _l0_setup(ctx, inputs, output):
@@ -238,8 +239,8 @@ def jumprelu_training_forward(
 
     ``f = pre·H(pre - θ)`` with ``pre = (x - b_dec·c) @ W_encᵀ + b_enc`` (c = 1 when
     ``apply_b_dec_to_input``), ``x_hat = f @ W_dec + b_dec`` decoded sparsely, ``l0`` the mean
-    number of active latents per row (a differentiable 0-d tensor). Gradients reach every
-    argument, θ through the straight-through rules in this module's docstring (rectangle
+    number of active latents per row (a differentiable 0-d tensor; fp32 for half-precision
+    inputs). Gradients reach every argument, θ through the straight-through rules in this module's docstring (rectangle
     kernel, ``bandwidth`` ε). Loss = ‖x - x_hat‖² terms + λ·l0, in plain torch on top.
     """
     _check_encoder_args(_TRAIN_OP, x, W_enc, b_enc, threshold, None)
