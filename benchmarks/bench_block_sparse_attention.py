@@ -26,7 +26,7 @@ Columns beyond the harness's: ``density`` (useful entries / causal entries), ``u
 TFLOP/s`` = useful (row, key) entries × 4·D (forward) or × 10·D (backward: 2.5×) over the time
 (dense SDPA: all causal entries), ``pct_dense`` = that rate over dense SDPA's at the same T.
 Timings need a GPU; on CPU the script says so (exit 2); ``--list`` works anywhere.
-Not yet run on a GPU: no GPU was lent in the session that wrote it.
+First run on an H200 on 2026-12-04: results/README.md.
 """
 
 from __future__ import annotations

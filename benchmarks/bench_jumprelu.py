@@ -9,7 +9,7 @@ step, a dense decode GEMM) and ``sae_fast`` (``jumprelu_training_forward``). SAE
 ``JumpReLUTrainingSAE`` joins with the library adapters (issue 7), which build its objects.
 Gemma Scope sizes: d=2304, M ∈ {16384, 131072, 1048576}, N=8192; θ set so ~L0 latents are
 active per row.
-Not yet run on a GPU: no GPU was lent in the session that wrote it.
+First run on an H200 on 2026-12-04: results/README.md.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ sparsify's ``SparseCoder.encode``, its fused encoder, when the package is instal
 topk over the flattened batch) / ``sae_fast_batchtopk`` (exact CSR selection). Modes fwd / bwd / fwd+bwd
 (backward to x, W_enc, b_enc through the selected values). Rows carry FLOPs (2·N·M·d per
 GEMM-sized pass) and peak memory: the fused op's should not grow with M beyond the weights.
-Not yet run on a GPU: no GPU was lent in the sessions since it was written.
+First run on an H200 on 2026-12-04: results/README.md.
 """
 
 from __future__ import annotations
