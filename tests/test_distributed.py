@@ -7,7 +7,6 @@ SAE (outputs, gradients, training steps)."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,33 +22,37 @@ ARCHS = ("topk", "batchtopk", "jumprelu", "relu")
 CASES = ARCHS + ("transcoder", "batchtopk-local")  # transcoder: topk, d_out 8, skip connection, layer norm
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(rank, world, port, scenario, out_dir):
+def _entry(rank, world, store, scenario, out_dir):
     """A spawned rank: join a gloo group, run ``scenario`` (a function of this module),
-    leave. Results go to files in ``out_dir``; exceptions fail the spawn."""
+    leave. Results go to files in ``out_dir``; exceptions fail the spawn.
+
+    The rendezvous is a FileStore, not a TCPStore: a TCPStore's server lives in rank 0, and a
+    rank that exits first under load could leave the other's store client or gloo pairs
+    talking to a closed peer (once seen in CI as ``terminate called without an active
+    exception``, SIGABRT in rank 1 at the end of a passing scenario). The barrier makes
+    every rank finish its collectives before any rank tears its group down."""
     import datetime
 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{store}",
+                            timeout=datetime.timedelta(seconds=120))
     try:
         globals()[scenario](rank, Path(out_dir))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def _spawn(scenario, out_dir, world=WORLD):
+    import tempfile
+
     import torch.multiprocessing as mp
 
-    mp.start_processes(_entry, args=(world, _free_port(), scenario, str(out_dir)), nprocs=world, join=True,
-                       start_method="spawn")
+    with tempfile.TemporaryDirectory() as rendezvous:  # outside out_dir: scenarios list its files
+        mp.start_processes(_entry, args=(world, os.path.join(rendezvous, "store"), scenario, str(out_dir)),
+                           nprocs=world, join=True, start_method="spawn")
 
 
 # ---- the problem every scenario trains on
