@@ -213,6 +213,11 @@ def provider_fn(name: str, index, flex_mask):
     if name == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
+        # The bwd mode replays one graph's backward (retain_graph=True), which compiled graphs
+        # with donated buffers refuse (seen at T=32K on an H200); donation only saves memory.
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
         compiled = torch.compile(flex_attention)
         return lambda q, k, v: compiled(q, k, v, block_mask=flex_mask, enable_gqa=True)
     if name == "sdpa_flash":

@@ -20,7 +20,7 @@ mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
 STEP_TIMEOUT=${GPU_CHECK_TIMEOUT:-900}
-ALL_STEPS="build tests bench-topk bench-jumprelu bench-attention bench-prefill sanitizer-memcheck \
+ALL_STEPS="build tests bench-topk bench-jumprelu bench-attention bench-prefill profile-prefill sanitizer-memcheck \
 sanitizer-racecheck bench-decode regression kernel-report tune-topk"
 STEPS=${GPU_CHECK_STEPS:-$ALL_STEPS}
 failures=()
@@ -59,6 +59,7 @@ for s in $STEPS; do
                        --out "$RESULTS/block_sparse_attention.jsonl" ;;
     bench-prefill) step bench-prefill bench_prefill.log $PY benchmarks/bench_sparse_prefill.py $BENCH_ARGS \
                      --out "$RESULTS/sparse_prefill.jsonl" ;;
+    profile-prefill) step profile-prefill profile_prefill.log $PY benchmarks/profile_sparse_prefill.py ;;
     # bench_integrations.py needs sae-lens / eai-sparsify / dictionary-learning: carry their wheels to an offline box
     tune-topk) step tune-topk tune_topk.log $PY benchmarks/tune_topk_encode.py --quick --budget-s 240 ;;
     *) echo "gpu_check: unknown step $s (known: $ALL_STEPS)"; failures+=("$s") ;;
