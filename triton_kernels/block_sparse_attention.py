@@ -22,7 +22,7 @@ Backward, deterministic (no float atomics):
   dQ = scale · dS·K. One writer per dQ row.
 * ``_bwd_dkdv_kernel``: one program per (b, kv head, key tile of TILE_N = 64 keys) owns its
   dK/dV rows and walks a list of (query head, query block, 64-bit key mask) entries built on
-  the device by ``build_backward_plan`` (sorts and prefix sums, no atomics, no host sync).
+  the device by ``build_backward_plan`` (sorts and prefix sums, no atomics; two host syncs).
   Range keys use aligned tiles ``[t·64, t·64 + 64)``; a range covers a contiguous span of one
   or two tiles, and the spans of one (head, block) in one tile are merged into one mask.
   Column keys would waste most of an aligned tile (one column per tile), so the distinct
@@ -492,8 +492,10 @@ def _bits_below(n: torch.Tensor) -> torch.Tensor:
 def build_backward_plan(block_count, block_offset, column_count, column_index, T, S, Hkv,
                         causal=True, block_m=64, block_n=64):
     """The per-(b, kv head, key tile) entry lists of the dK/dV kernel, with torch ops on the
-    index's device: no host sync, no atomics (sorts, prefix sums, index writes to distinct
-    places), so the same index always gives the same lists.
+    index's device: no atomics (sorts, prefix sums, index writes to distinct places), so the
+    same index always gives the same lists. Two host syncs (``nonzero``) keep only the listed
+    ranges and columns: the index is padded to its widest query block (at T = 32K, 16.8M
+    range slots held 0.3M ranges), and every temporary here scales with what it holds.
 
     Entries are (tile, query head in group, query block, key mask). Tiles 0..NKB-1 of a kv
     head are the aligned key tiles that ranges cover; tiles NKB.. are column tiles: the
@@ -516,26 +518,23 @@ def build_backward_plan(block_count, block_offset, column_count, column_index, T
     NTT = NKB + NCT
     i64 = torch.int64
 
-    b_i = torch.arange(B, device=dev, dtype=i64).view(B, 1, 1)
-    h_i = torch.arange(H, device=dev, dtype=i64).view(1, H, 1)
-    qb_i = torch.arange(NQB, device=dev, dtype=i64).view(1, 1, NQB)
-    bkv = b_i * Hkv + h_i // G  # [B, H, 1]
-    hg = h_i % G
+    qb_i = torch.arange(NQB, device=dev, dtype=i64)
     row_last = torch.clamp((qb_i + 1) * block_m, max=T) - 1
-    lim = torch.clamp(row_last + (S - T), max=S - 1) if causal else torch.full_like(qb_i, S - 1)  # [1, 1, NQB]
-    entry_base = hg * NQB + qb_i  # [1, H, NQB] -> position of (head in group, block) inside a tile
+    lim = torch.clamp(row_last + (S - T), max=S - 1) if causal else torch.full_like(qb_i, S - 1)  # [NQB]
 
     keys_parts, words_parts = [], []
     word_lo = torch.arange(_MASK_WORDS, device=dev, dtype=i64) * 32
     if MB:
-        pieces = triton.cdiv(block_n, TILE_N) + 1
-        starts = block_offset.to(i64)  # [B, H, NQB, MB]
         listed = torch.arange(MB, device=dev) < block_count[..., None].to(i64)
-        t = torch.div(starts, TILE_N, rounding_mode="floor")[..., None] + torch.arange(pieces, device=dev)
-        lo = torch.maximum(torch.maximum(starts[..., None], t * TILE_N), torch.zeros((), dtype=i64, device=dev))
-        hi = torch.minimum(torch.minimum(starts[..., None] + block_n, (t + 1) * TILE_N), lim[..., None, None] + 1)
-        ok = listed[..., None] & (hi > lo)
-        key = ((bkv[..., None, None] * NTT + t) * (G * NQB) + entry_base[..., None, None])
+        b_r, h_r, qb_r, j_r = listed.nonzero(as_tuple=True)  # host sync: the listed ranges only
+        starts = block_offset[b_r, h_r, qb_r, j_r].to(i64)[:, None]  # [R, 1]
+        pieces = triton.cdiv(block_n, TILE_N) + 1
+        t = torch.div(starts, TILE_N, rounding_mode="floor") + torch.arange(pieces, device=dev)  # [R, pieces]
+        lo = torch.maximum(torch.maximum(starts, t * TILE_N), torch.zeros((), dtype=i64, device=dev))
+        hi = torch.minimum(torch.minimum(starts + block_n, (t + 1) * TILE_N), lim[qb_r][:, None] + 1)
+        ok = hi > lo
+        bkv = (b_r * Hkv + h_r // G)[:, None]
+        key = (bkv * NTT + t) * (G * NQB) + ((h_r % G) * NQB + qb_r)[:, None]
         keys_parts.append(torch.where(ok, key, _I64_MAX).reshape(-1))
         rel_lo = (lo - t * TILE_N)[..., None] - word_lo
         rel_hi = (hi - t * TILE_N)[..., None] - word_lo
@@ -547,20 +546,21 @@ def build_backward_plan(block_count, block_offset, column_count, column_index, T
     if MC and NCT:
         cols = column_index.to(i64)
         listed = torch.arange(MC, device=dev) < column_count[..., None].to(i64)
-        ok = listed & (cols >= 0) & (cols <= lim[..., None])
-        ck = torch.where(ok, bkv[..., None] * S + cols, _I64_MAX).reshape(-1)
-        ck_sorted, order = torch.sort(ck)
-        valid = ck_sorted != _I64_MAX
-        first = torch.ones_like(valid)
+        ok = listed & (cols >= 0) & (cols <= lim[:, None])
+        flat_ok = ok.reshape(-1).nonzero().squeeze(1)  # host sync: position in [B, H, NQB, MC]
+    if MC and NCT and flat_ok.numel():  # the count is known on the host after the sync
+        h_c = (flat_ok // (NQB * MC)) % H
+        bkv_c = (flat_ok // (H * NQB * MC)) * Hkv + h_c // G
+        ck_sorted, order = torch.sort(bkv_c * S + cols.reshape(-1)[flat_ok])
+        first = torch.ones_like(ck_sorted, dtype=torch.bool)
         first[1:] = ck_sorted[1:] != ck_sorted[:-1]
-        first &= valid
         distinct = torch.cumsum(first.to(i64), 0)  # distinct keys up to and including i
-        owner = torch.where(valid, ck_sorted // S, 0)
+        owner = ck_sorted // S
         # distinct keys of lower kv heads: count before the first entry of this kv head
         head_start = torch.searchsorted(ck_sorted, torch.arange(BH, device=dev, dtype=i64) * S)
         before = torch.where(head_start > 0, distinct[(head_start - 1).clamp(min=0)], 0)
         rank = distinct - 1 - before[owner]
-        col = torch.where(valid, ck_sorted % S, 0)
+        col = ck_sorted % S
         # key tables: written once per distinct key (distinct places: deterministic)
         trash_k, trash_s = BH * col_keys.shape[1], BH * S
         ck_flat = torch.cat([col_keys.view(-1), col_keys.new_full((1,), -1)])
@@ -570,16 +570,15 @@ def build_backward_plan(block_count, block_offset, column_count, column_index, T
         sk_flat[torch.where(first, owner * S + col, trash_s)] = rank.to(torch.int32)
         slot_of_key = sk_flat[:-1].view(BH, S)
         # entries: (column tile, head in group, block) with one bit
-        flat = order  # position in [B, H, NQB, MC]
+        flat = flat_ok[order]  # position in [B, H, NQB, MC]
         hq = (flat // (NQB * MC)) % H
         qb = (flat // MC) % NQB
         tile = NKB + rank // TILE_N
-        key = (owner * NTT + tile) * (G * NQB) + (hq % G) * NQB + qb
-        keys_parts.append(torch.where(valid, key, _I64_MAX))
+        keys_parts.append((owner * NTT + tile) * (G * NQB) + (hq % G) * NQB + qb)
         slot = (rank % TILE_N)[:, None]
         bit = torch.bitwise_left_shift(torch.ones_like(slot), (slot - word_lo).clamp(0, 31))
         in_word = (slot >= word_lo) & (slot < word_lo + 32)
-        words_parts.append(torch.where(in_word & valid[:, None], bit, 0))
+        words_parts.append(torch.where(in_word, bit, 0))
 
     if keys_parts:
         keys = torch.cat(keys_parts)
