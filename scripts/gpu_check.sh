@@ -55,13 +55,17 @@ for s in $STEPS; do
     bench-decode) step bench-decode bench_decode.log $PY benchmarks/bench_sparse_decode.py $BENCH_ARGS --out "$RESULTS/sparse_decode.jsonl" ;;
     bench-topk) step bench-topk bench_topk.log $PY benchmarks/bench_topk_encode.py $BENCH_ARGS --out "$RESULTS/topk_encode.jsonl" ;;
     bench-jumprelu) step bench-jumprelu bench_jumprelu.log $PY benchmarks/bench_jumprelu.py $BENCH_ARGS --out "$RESULTS/jumprelu_training.jsonl" ;;
-    bench-attention) step bench-attention bench_attention.log $PY benchmarks/bench_block_sparse_attention.py $BENCH_ARGS \
-                       --out "$RESULTS/block_sparse_attention.jsonl" ;;
+    bench-attention)  # quick: 8K and 32K at 10% (the backward plan's cost shows at 32K)
+      ATT_ARGS=$BENCH_ARGS; [ "$BENCH_ARGS" = --quick ] && ATT_ARGS="--T 8192,32768 --density 0.1"
+      step bench-attention bench_attention.log $PY benchmarks/bench_block_sparse_attention.py $ATT_ARGS \
+        --out "$RESULTS/block_sparse_attention.jsonl" ;;
     bench-prefill) step bench-prefill bench_prefill.log $PY benchmarks/bench_sparse_prefill.py $BENCH_ARGS \
                      --out "$RESULTS/sparse_prefill.jsonl" ;;
     profile-prefill) step profile-prefill profile_prefill.log $PY benchmarks/profile_sparse_prefill.py ;;
     # bench_integrations.py needs sae-lens / eai-sparsify / dictionary-learning: carry their wheels to an offline box
-    tune-topk) step tune-topk tune_topk.log $PY benchmarks/tune_topk_encode.py --quick --budget-s 240 ;;
+    tune-topk)  # k=64 (TopK) and k=128 (BatchTopK's candidate lists, an untimed launch so far)
+      step tune-topk tune_topk.log $PY benchmarks/tune_topk_encode.py --budget-s 150
+      step tune-topk-128 tune_topk_128.log $PY benchmarks/tune_topk_encode.py --shape 16384,2304,131072,128 --budget-s 150 ;;
     *) echo "gpu_check: unknown step $s (known: $ALL_STEPS)"; failures+=("$s") ;;
   esac
 done
