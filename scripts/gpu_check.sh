@@ -20,8 +20,8 @@ mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
 STEP_TIMEOUT=${GPU_CHECK_TIMEOUT:-900}
-ALL_STEPS="build tests bench-topk bench-jumprelu bench-attention bench-prefill profile-prefill sanitizer-memcheck \
-sanitizer-racecheck bench-decode regression kernel-report tune-topk"
+ALL_STEPS="build tests bench-topk bench-jumprelu bench-attention bench-prefill profile-prefill bench-integrations \
+sanitizer-memcheck sanitizer-racecheck bench-decode regression kernel-report tune-topk"
 STEPS=${GPU_CHECK_STEPS:-$ALL_STEPS}
 failures=()
 step() {  # step NAME LOGFILE CMD...: run, log, remember failures, never stop early
@@ -62,7 +62,10 @@ for s in $STEPS; do
     bench-prefill) step bench-prefill bench_prefill.log $PY benchmarks/bench_sparse_prefill.py $BENCH_ARGS \
                      --out "$RESULTS/sparse_prefill.jsonl" ;;
     profile-prefill) step profile-prefill profile_prefill.log $PY benchmarks/profile_sparse_prefill.py ;;
-    # bench_integrations.py needs sae-lens / eai-sparsify / dictionary-learning: carry their wheels to an offline box
+    # Needs sae-lens / eai-sparsify / dictionary-learning: on an offline box, carry the wheels of
+    # scripts/fetch_integration_wheels.sh in .whl and install them to PYTHONPATH first.
+    bench-integrations) step bench-integrations bench_integrations.log $PY benchmarks/bench_integrations.py $BENCH_ARGS \
+                          --out "$RESULTS/integrations.jsonl" ;;
     tune-topk)  # k=64 (TopK) and k=128 (BatchTopK's candidate lists, an untimed launch so far)
       step tune-topk tune_topk.log $PY benchmarks/tune_topk_encode.py --budget-s 150
       step tune-topk-128 tune_topk_128.log $PY benchmarks/tune_topk_encode.py --shape 16384,2304,131072,128 --budget-s 150 ;;
