@@ -205,10 +205,13 @@ def _train(args) -> int:
     if opts is None:
         return 2
     env = distributed.init_from_env(opts["device"])
+    finished = False
     try:
-        return _train_run(args, opts, env)
-    finally:
-        distributed.teardown(env)
+        code = _train_run(args, opts, env)
+        finished = True
+        return code
+    finally:  # after an exception the other ranks may be mid-collective: no barrier then
+        distributed.teardown(env, wait_for_all=finished)
 
 
 def _train_options(args):

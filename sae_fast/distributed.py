@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import os
 from typing import Iterable, Optional
 
@@ -151,10 +152,19 @@ def init_from_env(device: Optional[str] = None, *, timeout_s: float = 1800.0) ->
                    backend=dist.get_backend(), owns_group=owns)
 
 
-def teardown(env: Optional[DistEnv]) -> None:
-    """Destroy the process group ``init_from_env`` created (no-op for None or a reused group)."""
+def teardown(env: Optional[DistEnv], *, wait_for_all: bool = False) -> None:
+    """Destroy the process group ``init_from_env`` created (no-op for None or a reused group).
+
+    ``wait_for_all`` (for a rank that finished normally; every rank must then call it): a
+    barrier first, so that no rank tears down while another still works (rank 0 saving, say).
+    Garbage is collected before the group is destroyed so that no tensor or work handle keeps
+    gloo's threads alive into interpreter shutdown: ranks that left early were seen to abort
+    there ("terminate called without an active exception", SIGABRT) about once in 50 runs."""
     dist = _dist()
     if env is not None and env.owns_group and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -32,6 +32,7 @@ def _entry(rank, world, store, scenario, out_dir):
     exception``, SIGABRT in rank 1 at the end of a passing scenario). The barrier makes
     every rank finish its collectives before any rank tears its group down."""
     import datetime
+    import gc
 
     import torch.distributed as dist
 
@@ -42,6 +43,7 @@ def _entry(rank, world, store, scenario, out_dir):
         globals()[scenario](rank, Path(out_dir))
         dist.barrier()
     finally:
+        gc.collect()  # no tensor or work handle may keep gloo's threads alive past the group
         dist.destroy_process_group()
 
 
