@@ -21,7 +21,7 @@ PY=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
 STEP_TIMEOUT=${GPU_CHECK_TIMEOUT:-900}
 ALL_STEPS="build tests bench-topk bench-jumprelu bench-attention bench-prefill profile-prefill bench-integrations \
-sanitizer-memcheck sanitizer-racecheck bench-decode regression kernel-report tune-topk"
+sanitizer-memcheck sanitizer-racecheck bench-decode regression kernel-report tune-topk tune-threshold"
 STEPS=${GPU_CHECK_STEPS:-$ALL_STEPS}
 failures=()
 step() {  # step NAME LOGFILE CMD...: run, log, remember failures, never stop early
@@ -69,6 +69,7 @@ for s in $STEPS; do
     tune-topk)  # k=64 (TopK) and k=128 (BatchTopK's candidate lists, an untimed launch so far)
       step tune-topk tune_topk.log $PY benchmarks/tune_topk_encode.py --budget-s 150
       step tune-topk-128 tune_topk_128.log $PY benchmarks/tune_topk_encode.py --shape 16384,2304,131072,128 --budget-s 150 ;;
+    tune-threshold) step tune-threshold tune_threshold.log $PY benchmarks/tune_threshold_encode.py --budget-s 150 ;;
     *) echo "gpu_check: unknown step $s (known: $ALL_STEPS)"; failures+=("$s") ;;
   esac
 done

@@ -87,13 +87,17 @@ def _tile_config(elem_size: int, dense: bool = False):
 
 
 def _launch(x, W_enc, b_enc, b_dec, threshold, capacity: int, splits: Optional[int], relu=True, half_band=None,
-            dense=None):
+            dense=None, config: Optional[dict] = None):
     n, d = x.shape
     m = W_enc.shape[0]
+    stages = 3  # Triton's default
     if _interpreted():
         block_n, block_m, block_d, warps, auto_splits = 16, 16, 32, 4, 1
     else:
         block_n, block_m, block_d, warps = _tile_config(W_enc.element_size(), dense is not None)
+        if config:  # benchmarks/tune_threshold_encode.py
+            block_n, block_m, block_d = config["block_n"], config["block_m"], config["block_d"]
+            warps, stages = config["warps"], config["stages"]
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         auto_splits = max(1, min(triton.cdiv(m, 4 * block_m), triton.cdiv(2 * sms, triton.cdiv(n, block_n))))
     splits = splits or auto_splits
@@ -114,7 +118,7 @@ def _launch(x, W_enc, b_enc, b_dec, threshold, capacity: int, splits: Optional[i
             HAS_B_ENC=b_enc is not None, HAS_B_DEC=b_dec is not None, THR_PER_LATENT=threshold.dim() == 1,
             RELU=relu, HAS_BAND=half_band is not None, DENSE_OUT=dense is not None,
             BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-            INPUT_PRECISION="ieee" if W_enc.element_size() >= 4 else "tf32", num_warps=warps,
+            INPUT_PRECISION="ieee" if W_enc.element_size() >= 4 else "tf32", num_warps=warps, num_stages=stages,
         )
     return values, indices, counts
 
@@ -140,6 +144,7 @@ def threshold_encode(
     relu: bool = True,
     half_band: Optional[float] = None,
     dense: Optional[torch.Tensor] = None,
+    config: Optional[dict] = None,
 ):
     """CSR of the entries with ``pre > threshold`` (and ``pre > 0`` when ``relu``), plus, with
     ``half_band``, those with ``|pre - threshold| < half_band`` (fp32): (values [nnz] in x's
@@ -147,10 +152,12 @@ def threshold_encode(
     ``threshold`` is a 0-d tensor or one per latent [M]. ``dense`` (an [N, M] contiguous
     tensor in x's dtype) also receives every active value, zeros elsewhere. ``capacity`` is the
     first guess of entries per row and latent split; rows that overflow it are recomputed
-    with their exact count."""
+    with their exact count. ``config`` overrides the launch on a GPU (block_n, block_m,
+    block_d, warps, stages: benchmarks/tune_threshold_encode.py)."""
     n = x.shape[0]
     threshold = threshold.to(x.dtype).contiguous()
-    values, indices, counts = _launch(x, W_enc, b_enc, b_dec, threshold, capacity, splits, relu, half_band, dense)
+    values, indices, counts = _launch(x, W_enc, b_enc, b_dec, threshold, capacity, splits, relu, half_band, dense,
+                                      config)
     per_row = counts.sum(1, dtype=torch.int64)
     over = (counts > capacity).any(1)
     vals, idx, rows = _compact(values, indices, counts.masked_fill(over.unsqueeze(1), 0))
@@ -158,7 +165,7 @@ def threshold_encode(
         again = over.nonzero().view(-1)
         # the same splits, so every row's count per split is the one just measured
         v2, i2, c2 = _launch(x[again], W_enc, b_enc, b_dec, threshold, int(counts[again].max()), counts.shape[1],
-                             relu, half_band)
+                             relu, half_band, config=config)
         vals2, idx2, rows2 = _compact(v2, i2, c2, again)
         order = torch.sort(torch.cat([rows, rows2]), stable=True).indices
         vals, idx = torch.cat([vals, vals2])[order], torch.cat([idx, idx2])[order]
