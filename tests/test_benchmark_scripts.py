@@ -1,0 +1,74 @@
+"""The benchmark and tuning scripts are what a short GPU lease runs; a script broken on CPU
+would waste it. On CPU: each bench's ``--list`` plan, the sparse-prefill dry run and its
+density probe, and the tuning sweeps' candidate order (the kernel's default first)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _bench_path():
+    sys.path.insert(0, str(BENCH_DIR))
+    yield
+    sys.path.remove(str(BENCH_DIR))
+
+
+@pytest.mark.parametrize("script", ["bench_sparse_decode", "bench_block_sparse_attention", "bench_sparse_prefill",
+                                    "bench_integrations"])
+def test_list_plans_without_a_gpu(script, capsys):
+    module = __import__(script)
+    module.main(["--list"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith(("N=", "B=")) for line in lines), lines  # one shape per line
+
+
+def test_sparse_prefill_dry_run_and_density_probe():
+    import bench_sparse_prefill as bench
+    from sae_fast.sparse_attention import SparseAttentionConfig, patch_sparse_attention
+
+    bench.dry_run(layers=2, T=130)
+    small = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 vocab_size=97)
+    model = bench.build_model(2, 256, "cpu", torch.float32, **small)
+    ids = torch.randint(0, 97, (1, 256), generator=torch.Generator().manual_seed(0))
+    # A-shape, 64 sink keys and 64 local keys, over 4 query blocks of 64 rows: the first two
+    # blocks see every causal key, the last two miss the middle (density about 0.63)
+    cfg = SparseAttentionConfig.a_shape(2, 4, 64, 64)
+    with bench._DensityProbe() as probe, patch_sparse_attention(model, cfg, min_prefill_len=1, backend="reference"):
+        bench.prefill(model, ids)
+    assert probe.density is not None and 0.3 < probe.density < 0.9
+    from sae_fast.sparse_attention import patch as patch_module
+
+    assert patch_module.build_layer_index.__name__ == "build_layer_index"  # the probe put it back
+
+
+@pytest.mark.parametrize("k", [64, 128])
+def test_topk_sweep_starts_at_the_default(k):
+    import tune_topk_encode as tune
+    from sae_fast.triton_kernels.topk_encode import _tile_config
+
+    configs = tune.candidate_configs(False, k)
+    first = configs[0]
+    assert (first["block_n"], first["block_m"], first["block_d"], first["warps"], first["stages"]) == _tile_config(k, 2)
+    keys = [tuple(sorted(c.items())) for c in configs]
+    assert len(keys) == len(set(keys))
+    distance = [sum(c[key] != first[key] for key in ("block_n", "block_m", "block_d", "warps", "stages"))
+                for c in configs if c["sort_above"] == first["sort_above"]]
+    assert distance == sorted(distance)
+
+
+def test_threshold_sweep_starts_at_the_default():
+    import tune_threshold_encode as tune
+    from sae_fast.triton_kernels.threshold_encode import _tile_config
+
+    configs = tune.candidate_configs(2)
+    first = configs[0]
+    assert (first["block_n"], first["block_m"], first["block_d"], first["warps"]) == _tile_config(2)
+    assert first["stages"] == 3
+    keys = [tuple(sorted(c.items())) for c in configs]
+    assert len(keys) == len(set(keys))
