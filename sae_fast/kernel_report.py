@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Optional
 
 SM80_MAX_SMEM = 163 * 1024  # opt-in shared memory per block on an A100 (sm_80)
+# Per-SM limits for the occupancy column: shared memory per SM (A100 164 KiB, H100 228 KiB; the
+# runtime reserves 1 KiB per block), 64K registers and 64 warps on both.
+_SM_SMEM = {80: 164 * 1024, 90: 228 * 1024}
 KERNEL_MODULES = ("sparse_gather", "topk_encode", "threshold_encode", "block_sparse_attention")  # modules of sae_fast.triton_kernels with launch_specs()
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,6 +42,8 @@ class KernelHealth:
     spill_bytes: int = 0  # spill stores + spill loads
     smem_bytes: int = 0  # static + dynamic (Triton's launch shared memory)
     wgmma: Optional[bool] = None  # only asked of matmul kernels on sm_90
+    num_warps: int = 0  # Triton launches (0: not known, csrc)
+    ctas_per_sm: int = 0  # resident blocks per SM that registers, warps and shared memory allow
     problems: list = field(default_factory=list)
     allowed: dict = field(default_factory=dict)
 
@@ -94,6 +99,39 @@ def _as_jit(kernel):
     return kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
 
 
+def _launch_attrs(arg_names, signature: dict, spec: dict) -> dict:
+    """The divisibility facts a real launch gives the compiler. At launch Triton marks every
+    pointer that is 16-byte aligned and every integer that is a multiple of 16 (``tt.divisibility
+    = 16``) and compiles a variant for it; that lets it prove 16-byte vector loads and turn
+    loops' loads into cp.async pipelines. Without these hints the report compiled a different
+    (scalar-load, unpipelined, register-hungrier) program than the GPU runs. Marked here:
+    pointers, ``stride_*`` arguments, and the integers a spec lists under ``divisible``
+    (sizes that are multiples of 16 at the representative shape, e.g. d = 2304)."""
+    extra = set(spec.get("divisible", ()))
+    unknown = extra - set(arg_names)
+    if unknown:
+        raise ValueError(f"kernel-report: {spec['name']}: 'divisible' names unknown arguments {sorted(unknown)}")
+    attrs = {}
+    for i, name in enumerate(arg_names):
+        kind = signature[name]
+        if kind == "constexpr":
+            continue
+        if kind.startswith("*") or (name.startswith("stride") and kind[0] in "iu") or name in extra:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def ctas_per_sm(arch: int, num_warps: int, registers: int, smem_bytes: int) -> int:
+    """Blocks of one kernel an SM can hold at once: registers are allocated per warp in units
+    of 256 (a thread's count rounded up to 8), at most 64 warps and 32 blocks, and the block's
+    shared memory plus the 1 KiB the runtime reserves for it."""
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = 65536 // (regs_per_warp * num_warps)
+    by_warps = 64 // num_warps
+    by_smem = _SM_SMEM.get(arch, _SM_SMEM[80]) // (smem_bytes + 1024)
+    return max(0, min(by_regs, by_warps, by_smem, 32))
+
+
 def triton_health(spec: dict, arch: int) -> KernelHealth:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -103,7 +141,8 @@ def triton_health(spec: dict, arch: int) -> KernelHealth:
     signature = {}
     for name in fn.arg_names:
         signature[name] = "constexpr" if name in spec["constexprs"] else spec["types"][name]
-    src = ASTSource(fn=fn, signature=signature, constexprs=dict(spec["constexprs"]))
+    src = ASTSource(fn=fn, signature=signature, constexprs=dict(spec["constexprs"]),
+                    attrs=_launch_attrs(fn.arg_names, signature, spec))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3)})
     ptx = compiled.asm["ptx"]
     gpu_name = re.search(r"^\.target (\S+)", ptx, re.M).group(1)
@@ -120,7 +159,8 @@ def triton_health(spec: dict, arch: int) -> KernelHealth:
     e = entries[0]
     health = KernelHealth(name=spec["name"], arch=arch, source="triton", registers=e["registers"],
                           spill_bytes=e["spill_bytes"], smem_bytes=e["smem_bytes"] + int(compiled.metadata.shared),
-                          allowed=dict(spec.get("allow", {})))
+                          allowed=dict(spec.get("allow", {})), num_warps=spec["num_warps"])
+    health.ctas_per_sm = ctas_per_sm(arch, spec["num_warps"], health.registers, health.smem_bytes)
     if spec.get("matmul") and arch >= 90:
         health.wgmma = "wgmma" in ptx
     _judge(health)
@@ -167,7 +207,8 @@ def triton_report(archs=(80, 90), only: Optional[str] = None, main_only: bool = 
             if (only and only not in spec["name"]) or (main_only and not spec.get("main", True)):
                 continue
             for arch in archs:
-                results.append(triton_health(spec, arch))
+                if arch in spec.get("archs", (arch,)):  # specs whose launch config depends on the arch
+                    results.append(triton_health(spec, arch))
     return results
 
 
@@ -229,7 +270,7 @@ def _demangle(name: str) -> str:
 
 
 def print_table(results: list[KernelHealth]) -> None:
-    print(f"{'kernel':<72} {'sm':>3} {'regs':>5} {'spill B':>8} {'smem B':>8} {'wgmma':>6}  status")
+    print(f"{'kernel':<60} {'sm':>3} {'warps':>5} {'regs':>5} {'spill B':>8} {'smem B':>8} {'CTA/SM':>6} {'wgmma':>6}  status")
     for h in results:
         wg = "-" if h.wgmma is None else ("yes" if h.wgmma else "NO")
         if not h.problems:
@@ -238,7 +279,9 @@ def print_table(results: list[KernelHealth]) -> None:
             status = "allowed: " + "; ".join(f"{p} ({h.allowed[p]})" for p in h.problems)
         else:
             status = "FAIL: " + ", ".join(h.problems)
-        print(f"{h.name[:72]:<72} {h.arch:>3} {h.registers:>5} {h.spill_bytes:>8} {h.smem_bytes:>8} {wg:>6}  {status}")
+        warps = str(h.num_warps) if h.num_warps else "-"
+        occ = str(h.ctas_per_sm) if h.ctas_per_sm else "-"
+        print(f"{h.name[:60]:<60} {h.arch:>3} {warps:>5} {h.registers:>5} {h.spill_bytes:>8} {h.smem_bytes:>8} {occ:>6} {wg:>6}  {status}")
 
 
 def main(argv=None) -> int:

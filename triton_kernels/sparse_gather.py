@@ -265,7 +265,7 @@ def launch_specs() -> list:
                            stride_src_col="i64", stride_bias="i64", stride_out_row="i64"),
                 constexprs=dict(HAS_OFFSETS=has_offsets, HAS_BIAS=not has_offsets, BLOCK_E=block_e,
                                 BLOCK_D=_block_d(4096, row_bytes, elem)),
-                num_warps=4, allow={},
+                num_warps=4, divisible=("k", "d"), allow={},  # k=64, d=2304
             ))
         specs.append(dict(
             name=f"gathered_dot[{dt}]",
@@ -274,7 +274,7 @@ def launch_specs() -> list:
                        stride_grad_row="i64", stride_grad_col="i64", stride_col_row="i64",
                        stride_src_row="i64", stride_src_col="i64", stride_out_row="i64"),
             constexprs=dict(BLOCK_K=_DOT_BLOCK_K, BLOCK_D=_block_d(4096, _DOT_ROW_BYTES, elem)),
-            num_warps=4, allow={},
+            num_warps=4, divisible=("k", "d"), allow={},
         ))
         specs.append(dict(
             name=f"entry_dot[{dt}]",
@@ -282,6 +282,6 @@ def launch_specs() -> list:
             types=dict(grad_ptr=f"*{dt}", row_ptr="*i64", col_ptr="*i64", src_ptr=f"*{dt}", out_ptr=f"*{dt}",
                        nnz="i32", d="i32", stride_grad_row="i64", stride_src_row="i64"),
             constexprs=dict(BLOCK_E=_DOT_BLOCK_K, BLOCK_D=_block_d(4096, _DOT_ROW_BYTES, elem)),
-            num_warps=4, allow={},
+            num_warps=4, divisible=("d",), allow={},
         ))
     return specs
