@@ -20,7 +20,7 @@ mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
 STEP_TIMEOUT=${GPU_CHECK_TIMEOUT:-900}
-ALL_STEPS="build tests bench-topk bench-jumprelu bench-attention bench-prefill profile-prefill bench-integrations \
+ALL_STEPS="build tests bench-topk bench-jumprelu bench-attention tune-attention bench-prefill profile-prefill bench-integrations \
 sanitizer-memcheck sanitizer-racecheck bench-decode regression kernel-report tune-topk tune-threshold"
 STEPS=${GPU_CHECK_STEPS:-$ALL_STEPS}
 failures=()
@@ -59,6 +59,9 @@ for s in $STEPS; do
       ATT_ARGS=$BENCH_ARGS; [ "$BENCH_ARGS" = --quick ] && ATT_ARGS="--T 8192,32768 --density 0.1"
       step bench-attention bench_attention.log $PY benchmarks/bench_block_sparse_attention.py $ATT_ARGS \
         --out "$RESULTS/block_sparse_attention.jsonl" ;;
+    tune-attention)  # the attention launch defaults were read off the kernel report, never timed
+      step tune-attention tune_attention.log $PY benchmarks/tune_block_sparse_attention.py --budget-s 120 \
+        --out "$RESULTS/tune_block_sparse_attention.txt" ;;
     bench-prefill) step bench-prefill bench_prefill.log $PY benchmarks/bench_sparse_prefill.py $BENCH_ARGS \
                      --out "$RESULTS/sparse_prefill.jsonl" ;;
     profile-prefill) step profile-prefill profile_prefill.log $PY benchmarks/profile_sparse_prefill.py ;;

@@ -7,7 +7,7 @@ and, when causal, right of the bottom-right diagonal are masked) and a list of s
 columns. Query head h reads kv head ``h // GROUP``; K/V are never repeated.
 
 Forward (``_fwd_kernel``), one program per (qb, b·Hq + h), heavy (late, causal) blocks first:
-the Q tile stays in registers; the ranges are walked one BLOCK_N tile each (a per-element
+the Q tile is loaded once; the ranges are walked one BLOCK_N tile each (a per-element
 mask only for tiles that cross the diagonal or leave ``[0, S)``), then the columns are
 gathered BLOCK_N at a time (K/V rows loaded by index). Online softmax in fp32 in base 2: the
 scale and log2(e) are folded into one multiplier so each score costs one FMA and one exp2.
@@ -74,9 +74,10 @@ def _head_dim_mask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 # ----------------------------------------------------------------------------------- forward
 #
 # Index arithmetic: rows and keys are int32 (T, S < 2**31); batch/head bases and every
-# row's address offset are int64. The ranges and the column chunks share one loop (range i
-# for i < n_blocks, then column chunks): one copy of the loop body and its registers (two
-# loops held both and spilled at head dim 128).
+# row's address offset are int64. A query block's walk is two loops, the key ranges and then
+# the gathered columns, BLOCK_N keys per step: each loop's index load and K/V loads then have
+# addresses that Triton's pipeliner can issue stages ahead (cp.async). One loop with a branch
+# per step (range or column chunk) kept the index load out of the pipeline.
 
 
 @triton.jit
@@ -93,31 +94,64 @@ def _row_limits(offs_m, qb, T, S, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _key_tile(i, n_blocks, n_cols, boff_row, cidx_row, k_base, v_base,
-              stride_ks, stride_kd, stride_vs, stride_vd, offs_nn, offs_d, d_ok, lim_lo, S,
-              BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    """Step i of a query block's walk (forward and dQ): its keys, which of them exist, whether
-    the tile needs the per-element mask, and the K / V rows. Steps < n_blocks are the key range
-    [start, start + BLOCK_N); the rest take BLOCK_N gathered columns at a time."""
-    if i < n_blocks:
-        start = tl.minimum(tl.maximum(tl.load(boff_row + i), -BLOCK_N), S).to(tl.int32)
-        keys = start + offs_nn
-        kv_ok = (keys >= 0) & (keys < S)
-        masked = (start < 0) | (start + (BLOCK_N - 1) > lim_lo)  # crosses the diagonal or an end
-    else:
-        offs_c = (i - n_blocks) * BLOCK_N + offs_nn
-        c_ok = offs_c < n_cols
-        cols = tl.load(cidx_row + offs_c, mask=c_ok, other=-1)
-        kv_ok = c_ok & (cols >= 0) & (cols < S)
-        keys = tl.where(kv_ok, cols, -1).to(tl.int32)
-        masked = i >= n_blocks
-    key_off = keys.to(tl.int64)[:, None]
+def _range_keys(boff_row, i, offs_nn, lim_lo, S, BLOCK_N: tl.constexpr):
+    """Keys of range i, [start, start + BLOCK_N): which exist, and whether the tile needs the
+    per-element mask (it crosses the diagonal or an end of the keys)."""
+    start = tl.minimum(tl.maximum(tl.load(boff_row + i), -BLOCK_N), S).to(tl.int32)
+    keys = start + offs_nn
+    kv_ok = (keys >= 0) & (keys < S)
+    masked = (start < 0) | (start + (BLOCK_N - 1) > lim_lo)
+    return keys, kv_ok, masked
+
+
+@triton.jit
+def _column_keys(cidx_row, c0, n_cols, offs_nn, S):
+    """Columns c0 .. c0 + BLOCK_N of the block's list (-1 and out-of-range entries masked)."""
+    offs_c = c0 + offs_nn
+    cols = tl.load(cidx_row + offs_c, mask=offs_c < n_cols, other=-1)
+    kv_ok = (cols >= 0) & (cols < S)
+    return tl.where(kv_ok, cols, -1).to(tl.int32), kv_ok
+
+
+@triton.jit
+def _load_kv(k_base, v_base, keys, kv_ok, stride_ks, stride_kd, stride_vs, stride_vd, offs_d, d_ok,
+             UPCAST: tl.constexpr):
+    key_off = tl.where(kv_ok, keys, 0).to(tl.int64)[:, None]
     k = tl.load(k_base + key_off * stride_ks + offs_d[None, :] * stride_kd, mask=kv_ok[:, None] & d_ok, other=0.0)
     v = tl.load(v_base + key_off * stride_vs + offs_d[None, :] * stride_vd, mask=kv_ok[:, None] & d_ok, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    return keys, kv_ok, masked, k, v
+    return k, v
+
+
+@triton.jit
+def _fwd_step(q, k, v, keys, kv_ok, masked, lim, m_i, l_i, acc, qk_scale, v_ptr, PRECISION: tl.constexpr):
+    """One key tile of the online softmax (base 2, running max kept finite for rows that have
+    seen nothing yet, so no (-inf) - (-inf))."""
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    if masked:
+        qk = tl.where(kv_ok[None, :] & (keys[None, :] <= lim[:, None]), qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v_ptr.dtype.element_ty).to(v.dtype), v, acc, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _dq_step(q, do, k, v, keys, kv_ok, masked, lim, lse2, delta, dq, qk_scale, k_ptr, PRECISION: tl.constexpr):
+    """One key tile of dQ: P from the saved lse, dS = P ∘ (dP - delta), dQ += dS·K."""
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    p = tl.exp2(qk * qk_scale - lse2[:, None])
+    if masked:
+        p = tl.where(kv_ok[None, :] & (keys[None, :] <= lim[:, None]), p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k_ptr.dtype.element_ty).to(k.dtype), k, dq, input_precision=PRECISION)
 
 
 @triton.jit
@@ -161,20 +195,16 @@ def _fwd_kernel(
 
     n_blocks = tl.minimum(tl.maximum(tl.load(bcount_ptr + idx), 0), MAX_BLOCKS)
     n_cols = tl.minimum(tl.maximum(tl.load(ccount_ptr + idx), 0), MAX_COLS)
-    for i in range(0, n_blocks + tl.cdiv(n_cols, BLOCK_N)):
-        keys, kv_ok, masked, k, v = _key_tile(
-            i, n_blocks, n_cols, boff_ptr + idx * MAX_BLOCKS, cidx_ptr + idx * MAX_COLS, k_base, v_base,
-            stride_ks, stride_kd, stride_vs, stride_vd, offs_nn, offs_d, d_ok, lim_lo, S, BLOCK_N, UPCAST)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if masked:
-            qk = tl.where(kv_ok[None, :] & (keys[None, :] <= lim[:, None]), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf)
-        p = tl.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_ptr.dtype.element_ty).to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    boff_row = boff_ptr + idx * MAX_BLOCKS
+    for i in range(0, n_blocks):
+        keys, kv_ok, masked = _range_keys(boff_row, i, offs_nn, lim_lo, S, BLOCK_N)
+        k, v = _load_kv(k_base, v_base, keys, kv_ok, stride_ks, stride_kd, stride_vs, stride_vd, offs_d, d_ok, UPCAST)
+        m_i, l_i, acc = _fwd_step(q, k, v, keys, kv_ok, masked, lim, m_i, l_i, acc, qk_scale, v_ptr, PRECISION)
+    cidx_row = cidx_ptr + idx * MAX_COLS
+    for c0 in range(0, n_cols, BLOCK_N):
+        keys, kv_ok = _column_keys(cidx_row, c0, n_cols, offs_nn, S)
+        k, v = _load_kv(k_base, v_base, keys, kv_ok, stride_ks, stride_kd, stride_vs, stride_vd, offs_d, d_ok, UPCAST)
+        m_i, l_i, acc = _fwd_step(q, k, v, keys, kv_ok, True, lim, m_i, l_i, acc, qk_scale, v_ptr, PRECISION)
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -262,17 +292,16 @@ def _bwd_dq_kernel(
 
     n_blocks = tl.minimum(tl.maximum(tl.load(bcount_ptr + idx), 0), MAX_BLOCKS)
     n_cols = tl.minimum(tl.maximum(tl.load(ccount_ptr + idx), 0), MAX_COLS)
-    for i in range(0, n_blocks + tl.cdiv(n_cols, BLOCK_N)):
-        keys, kv_ok, masked, k, v = _key_tile(
-            i, n_blocks, n_cols, boff_ptr + idx * MAX_BLOCKS, cidx_ptr + idx * MAX_COLS, k_base, v_base,
-            stride_ks, stride_kd, stride_vs, stride_vd, offs_nn, offs_d, d_ok, lim_lo, S, BLOCK_N, UPCAST)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        p = tl.exp2(qk * qk_scale - lse2[:, None])
-        if masked:
-            p = tl.where(kv_ok[None, :] & (keys[None, :] <= lim[:, None]), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k_ptr.dtype.element_ty).to(k.dtype), k, input_precision=PRECISION)
+    boff_row = boff_ptr + idx * MAX_BLOCKS
+    for i in range(0, n_blocks):
+        keys, kv_ok, masked = _range_keys(boff_row, i, offs_nn, lim_lo, S, BLOCK_N)
+        k, v = _load_kv(k_base, v_base, keys, kv_ok, stride_ks, stride_kd, stride_vs, stride_vd, offs_d, d_ok, UPCAST)
+        dq = _dq_step(q, do, k, v, keys, kv_ok, masked, lim, lse2, delta, dq, qk_scale, k_ptr, PRECISION)
+    cidx_row = cidx_ptr + idx * MAX_COLS
+    for c0 in range(0, n_cols, BLOCK_N):
+        keys, kv_ok = _column_keys(cidx_row, c0, n_cols, offs_nn, S)
+        k, v = _load_kv(k_base, v_base, keys, kv_ok, stride_ks, stride_kd, stride_vs, stride_vd, offs_d, d_ok, UPCAST)
+        dq = _dq_step(q, do, k, v, keys, kv_ok, True, lim, lse2, delta, dq, qk_scale, k_ptr, PRECISION)
 
     dq = dq * sm_scale
     dq_ptrs = dq_ptr + b * stride_dqb + h * stride_dqh + row0 * stride_dqt + offs_mm[:, None] * stride_dqt + offs_d[None, :]
@@ -424,21 +453,45 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _fwd_config(block_m: int, head_dim: int) -> dict:
-    """(num_warps, num_stages) of the forward and dQ kernels: one warpgroup per 64 query rows
-    up to head dim 64; 8 warps at head dim 128 (4 spill the fp32 accumulator, the score tile
-    and the Q operand past 255 registers)."""
-    warps = 8 if block_m >= 128 or head_dim > 64 else 4
-    return dict(num_warps=warps, num_stages=3 if head_dim <= 64 else 2)
+def _fwd_config(block_m: int, head_dim: int, arch: int = 90, kernel: str = "fwd") -> dict:
+    """(num_warps, num_stages) of the forward (``kernel="fwd"``) and dQ (``"dq"``) kernels,
+    read off the kernel report at the launch's real specialization (its occupancy column):
+
+    * sm_90: one warpgroup (4 warps) per 64-row query block, so each wgmma covers all 64 rows
+      and the row max / sum stay inside the warpgroup; two blocks per SM (forward 189 regs at
+      head dim 128, dQ 242), K/V loads pipelined 2 deep (3 at head dim 64). Eight warps split
+      the 64 keys of a score tile across two warpgroups (an exchange through shared memory for
+      every row reduction) and fit one block per SM.
+    * sm_80 (mma.sync): 8 warps at head dim 128 (4 spill a few bytes), 4 at 64 for the forward.
+    * 128-row query blocks: 8 warps (two warpgroups of 64 rows).
+    Timings to confirm on a GPU: ``benchmarks/tune_block_sparse_attention.py``."""
+    if block_m >= 128:
+        return dict(num_warps=8, num_stages=3 if head_dim <= 64 else 2)
+    if arch >= 90:
+        return dict(num_warps=4, num_stages=3 if kernel == "fwd" and head_dim <= 64 else 2)
+    if kernel == "fwd":
+        return dict(num_warps=4, num_stages=3) if head_dim <= 64 else dict(num_warps=8, num_stages=3)
+    return dict(num_warps=8, num_stages=2)
 
 
-def _dkdv_config(head_dim: int) -> dict:
-    """dK/dV: two fp32 accumulators [64, D] and four [64, rows] tiles. Head dim 128: 8 warps,
-    32-row sub-blocks and no software pipelining, the one configuration whose entry loop is
-    free of spills (ptxas spills only across it, see launch_specs)."""
+def _dkdv_config(head_dim: int, arch: int = 90) -> dict:
+    """dK/dV: two fp32 accumulators [64 keys, D] and four [64, rows] tiles per step; the query
+    rows of an entry are taken ``block_m`` at a time. sm_90: one warpgroup per 64-key tile, two
+    blocks per SM, loads pipelined 2 deep (head dim 128 needs 32-row steps to stay under 255
+    registers). sm_80: 8 warps with 32-row steps at head dim 128 (4 warps spill)."""
     if head_dim <= 64:
-        return dict(num_warps=8, num_stages=2, block_m=64)
-    return dict(num_warps=8, num_stages=1, block_m=32)
+        return dict(num_warps=4, num_stages=2, block_m=64)
+    if arch >= 90:
+        return dict(num_warps=4, num_stages=2, block_m=32)
+    return dict(num_warps=8, num_stages=2, block_m=32)
+
+
+def _arch(t: torch.Tensor) -> int:
+    """Compute capability of t's GPU as 80, 90, ...; 90 elsewhere (the interpreter ignores it)."""
+    if t.is_cuda:
+        major, minor = torch.cuda.get_device_capability(t.device)
+        return 10 * major + minor
+    return 90
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -460,9 +513,10 @@ def _dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 
 
 def block_sparse_attention(q, k, v, block_count, block_offset, column_count, column_index,
-                           causal=True, scale=None, block_m=64, block_n=64):
+                           causal=True, scale=None, block_m=64, block_n=64, config: Optional[dict] = None):
     """(out [B, Hq, T, D] contiguous in q's dtype, lse [B, Hq, T] fp32). Index tensors
-    contiguous, int32 or int64; shapes already checked by the op."""
+    contiguous, int32 or int64; shapes already checked by the op. ``config`` (num_warps,
+    num_stages) overrides the launch (benchmarks/tune_block_sparse_attention.py)."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
@@ -471,7 +525,7 @@ def block_sparse_attention(q, k, v, block_count, block_offset, column_count, col
     if B * H * T == 0:
         return _finish(out, q.dtype), lse
     nqb = triton.cdiv(T, block_m)
-    cfg = _fwd_config(block_m, D)
+    cfg = dict(config) if config else _fwd_config(block_m, D, _arch(q))
     with _device_ctx(q):
         _fwd_kernel[(nqb, B * H)](
             q, k, v, out, lse,
@@ -621,10 +675,14 @@ def build_backward_plan(block_count, block_offset, column_count, column_index, T
 
 def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse,
                                     block_count, block_offset, column_count, column_index,
-                                    causal=True, scale=None, block_m=64, block_n=64, deterministic=True):
+                                    causal=True, scale=None, block_m=64, block_n=64, deterministic=True,
+                                    configs: Optional[dict] = None, plan: Optional[dict] = None):
     """(dq, dk, dv), contiguous, in the inputs' dtypes. Extra memory: delta [B, Hq, T] fp32, the
     tile plan (O(index entries)), and with columns four fp32 buffers of min(S, G·NQB·MAX_COLS)
-    rows × D per kv head; ``deterministic=False`` adds an fp32 dQ buffer."""
+    rows × D per kv head; ``deterministic=False`` adds an fp32 dQ buffer. ``configs`` may
+    override the launches: ``{"dq": {num_warps, num_stages}, "dkdv": {num_warps, num_stages,
+    block_m}}`` (benchmarks/tune_block_sparse_attention.py). ``plan``: a ``build_backward_plan``
+    result for this index, to time the kernels without it."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -648,8 +706,10 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse,
             num_warps=4,
         )
 
+    configs = configs or {}
+    arch = _arch(q)
     if deterministic:
-        cfg = _fwd_config(block_m, D)
+        cfg = dict(configs.get("dq") or _fwd_config(block_m, D, arch, kernel="dq"))
         with _device_ctx(q):
             _bwd_dq_kernel[(nqb, B * H)](
                 q, k, v, grad_out, lse, delta, dq,
@@ -663,15 +723,16 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse,
     else:
         dq_acc = torch.zeros((B, H, T, D), device=q.device, dtype=torch.float32)
 
-    plan = build_backward_plan(block_count, block_offset, column_count, column_index, T, S, Hkv,
-                               causal=causal, block_m=block_m, block_n=block_n)
+    if plan is None:
+        plan = build_backward_plan(block_count, block_offset, column_count, column_index, T, S, Hkv,
+                                   causal=causal, block_m=block_m, block_n=block_n)
     nkb, nct = plan["nkb"], plan["nct"]
     col_rows = plan["col_keys"].shape[1]
     if nct:  # column partials, and the range partials of the same keys
         col_dk, col_dv, rng_dk, rng_dv = torch.empty((4, B * Hkv, col_rows, D), device=q.device, dtype=torch.float32)
     else:
         col_dk = col_dv = rng_dk = rng_dv = delta
-    dkdv_cfg = _dkdv_config(D)
+    dkdv_cfg = dict(configs.get("dkdv") or _dkdv_config(D, arch))
     sub_m = min(block_m, dkdv_cfg["block_m"])
     common = (
         q, k, v, grad_out, lse, delta, dk, dv, dq_acc,
@@ -717,15 +778,17 @@ def launch_specs() -> list:
     strides = {f"stride_{t}{a}": "i64" for t in ("q", "k", "v", "do") for a in ("b", "h")}
     strides.update({f"stride_{t}": "i32" for t in ("qt", "ks", "vs", "dot")})
     unit = {f"stride_{t}d": 1 for t in ("q", "k", "v", "do")}
-    for d in (64, 128):
-        cfg = _fwd_config(64, d)
+    for arch, d in ((80, 64), (80, 128), (90, 64), (90, 128)):  # the launch configs differ per arch
+        cfg = _fwd_config(64, d, arch)
+        qcfg = _fwd_config(64, d, arch, kernel="dq")
         specs.append(dict(
             name=f"bsa_fwd[bf16,d={d}]", kernel=_fwd_kernel,
             types=dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", lse_ptr="*fp32", **idx, **dims,
                        **strides, stride_ob="i64", stride_oh="i64", stride_ot="i32"),
             constexprs=dict(stride_qd=1, stride_kd=1, stride_vd=1, CAUSAL=True, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=64,
                             BLOCK_N=64, UPCAST=False, PRECISION="tf32"),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], matmul=True, main=d == 128, allow={},
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], matmul=True, main=d == 128, archs=(arch,),
+            allow={},
         ))
         specs.append(dict(
             name=f"bsa_bwd_dq[bf16,d={d}]", kernel=_bwd_dq_kernel,
@@ -734,10 +797,10 @@ def launch_specs() -> list:
                        stride_dqb="i64", stride_dqh="i64", stride_dqt="i32"),
             constexprs=dict(**unit, CAUSAL=True, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=64, BLOCK_N=64, UPCAST=False,
                             PRECISION="tf32"),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], matmul=True, main=False,
-            allow={"spills": "sm_80 at d=128: 24 B, 6 scalar spill instructions outside the key loop"} if d == 128 else {},
+            num_warps=qcfg["num_warps"], num_stages=qcfg["num_stages"], matmul=True, main=False, archs=(arch,),
+            allow={},
         ))
-        kcfg = _dkdv_config(d)
+        kcfg = _dkdv_config(d, arch)
         for is_col in (False, True):
             specs.append(dict(
                 name=f"bsa_bwd_dkdv[bf16,d={d},{'columns' if is_col else 'ranges'}]", kernel=_bwd_dkdv_kernel,
@@ -754,7 +817,7 @@ def launch_specs() -> list:
                                 BLOCK_D=d, QBLOCK=64, BLOCK_M=kcfg["block_m"], BLOCK_N=TILE_N, WORDS=_MASK_WORDS,
                                 UPCAST=False, PRECISION="tf32"),
                 num_warps=kcfg["num_warps"], num_stages=kcfg["num_stages"], matmul=True,
-                main=False, allow=_dkdv_allowances(d, is_col),
+                main=False, archs=(arch,), allow={},
             ))
     specs.append(dict(
         name="bsa_bwd_delta[bf16,d=128]", kernel=_bwd_delta_kernel,
@@ -764,12 +827,6 @@ def launch_specs() -> list:
         constexprs=dict(stride_od=1, stride_dod=1, HAS_DLSE=False, HEAD_DIM=128, BLOCK_D=128, BLOCK_T=64),
         num_warps=4, num_stages=1, main=False, allow={},
     ))
+    for spec in specs:  # the benchmarks' prompt lengths (8K, 32K) are multiples of 16, as T, S
+        spec["divisible"] = tuple(n for n in ("T", "S") if n in spec["types"])
     return specs
-
-
-def _dkdv_allowances(d: int, is_col: bool) -> dict:
-    if d == 128 and not is_col:
-        return {"spills": ("about 110 B at d=128 (range launch: the column-key partial store adds epilogue "
-                           "pointers): spill stores in the prologue, reloads after the entry loop, none "
-                           "inside it (nvdisasm)")}
-    return {}
