@@ -182,6 +182,73 @@ def test_other_llama_family_architectures():
         assert h.stats[path] == LAYERS, (window, h.stats)
 
 
+def _tiny(cls_config, cls_model, **kw):
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                  num_attention_heads=HEADS, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  attn_implementation="eager")
+    torch.manual_seed(0)
+    return cls_model(cls_config(**common, **kw)).eval()
+
+
+def test_gemma2_softcap_falls_back_and_its_scale_goes_sparse():
+    """Gemma 2: logit soft-capping cannot run in the kernel, so every layer falls back (the
+    model's own eager attention, exact); without soft-capping its global layer takes the sparse
+    path with Gemma's query_pre_attn_scalar scale, its sliding layer (window 32 < 100) falls back."""
+    ids = _ids(T=100)
+    for softcap, stats in ((50.0, {"fallback:softcap": LAYERS}), (None, {"fallback:sliding_window": 1, "sparse": 1})):
+        model = _tiny(transformers.Gemma2Config, transformers.Gemma2ForCausalLM, attn_logit_softcapping=softcap,
+                      sliding_window=32, query_pre_attn_scalar=24)
+        assert model.config.layer_types == ["sliding_attention", "full_attention"]
+        want = _logits(model, ids)
+        with patch_sparse_attention(model, FULL["vertical_slash"], min_prefill_len=16, backend="reference") as h:
+            got = _logits(model, ids)
+        assert dict(h.stats) == stats
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+        if softcap is None:  # the scale reaches the sparse path: a wrong one would move the logits
+            with patch_sparse_attention(model, SparseAttentionConfig.vertical_slash(LAYERS, HEADS, 4, 8),
+                                        min_prefill_len=16, backend="reference"):
+                assert not torch.allclose(_logits(model, ids), want, atol=1e-3)
+
+
+def test_gpt_oss_sinks_fall_back():
+    """GPT-OSS adds per-head attention sinks to the softmax (``s_aux``): every layer falls
+    back to its own eager attention, and the logits are the unpatched ones."""
+    if not hasattr(transformers, "GptOssForCausalLM"):
+        pytest.skip("this transformers has no GPT-OSS")
+    model = _tiny(transformers.GptOssConfig, transformers.GptOssForCausalLM, num_local_experts=4,
+                  num_experts_per_tok=2, sliding_window=4096)
+    ids = _ids(T=100)
+    want = _logits(model, ids)
+    with patch_sparse_attention(model, FULL["vertical_slash"], min_prefill_len=16, backend="reference") as h:
+        got = _logits(model, ids)
+    assert dict(h.stats) == {"fallback:sinks": LAYERS}
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kwarg,reason", [("position_bias", "fallback:position_bias"), ("cache", "fallback:paged_cache"),
+                                          ("softcap", "fallback:softcap"), ("sinks", "fallback:sinks")])
+def test_attention_kwargs_route_to_the_original(kwarg, reason):
+    """What a model passes to its attention function that the kernel cannot honour (a T5-style
+    position bias, transformers' paged cache for continuous batching, soft-capping, sinks)
+    reaches the original function untouched, with the other arguments."""
+    from sae_fast.sparse_attention import patch as patch_module
+
+    model = _llama()
+    q = torch.randn(1, HEADS, 80, 16)
+    k, v = torch.randn(2, 1, 2, 80, 16)
+    value = object()
+    with patch_sparse_attention(model, FULL["vertical_slash"], min_prefill_len=16, backend="reference") as h:
+        module = patch_module.attention_modules(model)[0]
+        calls = []
+        h._fallbacks[type(module)] = lambda *args, **kw: calls.append((args, kw)) or ("out", None)
+        result = patch_module._sparse_attention_forward(module, q, k, v, None, dropout=0.0, scaling=0.3,
+                                                        **{kwarg: value})
+    assert result == ("out", None) and dict(h.stats) == {reason: 1}
+    (args, kw), = calls
+    assert args[0] is module and all(a is b for a, b in zip(args[1:4], (q, k, v))) and args[4] is None
+    assert kw[kwarg] is value and kw["scaling"] == 0.3 and kw["dropout"] == 0.0
+
+
 def test_errors():
     model = _llama()
     cfg = SparseAttentionConfig.for_model(model, HeadPattern.vertical_slash(8, 16))
