@@ -1,7 +1,8 @@
 """Fused encoder GEMM + threshold selection into capacity-bounded row lists.
 
 Program (row block, latent split) computes ``pre = (x - b_dec) @ W_encᵀ + b_enc`` one
-[BLOCK_N, BLOCK_M] tile at a time with ``tl.dot`` and keeps the active entries,
+[BLOCK_N, BLOCK_M] tile at a time with ``tl.dot`` (the launcher forms ``x - b_dec`` once,
+``encoder_tile.centered_input``) and keeps the active entries,
 ``pre > threshold`` and (with RELU) ``pre > 0`` (``relu(pre)·H(pre - θ)`` is non-zero
 exactly there; the threshold is one scalar, or one per latent for JumpReLU). With HAS_BAND
 it also keeps every entry within ``half_band`` of the threshold, active or not (JumpReLU
@@ -20,16 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .encoder_tile import encoder_pre_tile
+from .encoder_tile import centered_input, encoder_pre_tile
 from .sparse_gather import _device_ctx, _interpreted
 
 
 @triton.jit
 def _threshold_select_kernel(
-    x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, thr_ptr, val_ptr, idx_ptr, count_ptr, dense_ptr,
+    x_ptr, w_ptr, b_enc_ptr, thr_ptr, val_ptr, idx_ptr, count_ptr, dense_ptr,
     n_rows, d, m, latents_per_split, capacity, half_band,
     stride_xn, stride_xd, stride_wm, stride_wd,
-    HAS_B_ENC: tl.constexpr, HAS_B_DEC: tl.constexpr, THR_PER_LATENT: tl.constexpr,
+    HAS_B_ENC: tl.constexpr, THR_PER_LATENT: tl.constexpr,
     RELU: tl.constexpr, HAS_BAND: tl.constexpr, DENSE_OUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -48,8 +49,8 @@ def _threshold_select_kernel(
     for m0 in range(lat_begin, lat_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < lat_end
-        acc = encoder_pre_tile(x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, offs_n, mask_n, offs_m, mask_m, d,
-                               stride_xn, stride_xd, stride_wm, stride_wd, HAS_B_ENC, HAS_B_DEC,
+        acc = encoder_pre_tile(x_ptr, w_ptr, b_enc_ptr, offs_n, mask_n, offs_m, mask_m, d,
+                               stride_xn, stride_xd, stride_wm, stride_wd, HAS_B_ENC,
                                BLOCK_N, BLOCK_M, BLOCK_D, INPUT_PRECISION)
         # Compare in the output dtype, as a dense computation in that dtype would.
         pre = acc.to(val_ptr.dtype.element_ty)
@@ -86,9 +87,11 @@ def _tile_config(elem_size: int, dense: bool = False):
     return (32, 64, 32, 8) if dense else (64, 64, 32, 8)
 
 
-def _launch(x, W_enc, b_enc, b_dec, threshold, capacity: int, splits: Optional[int], relu=True, half_band=None,
-            dense=None, config: Optional[dict] = None):
+def _launch(x, W_enc, b_enc, threshold, capacity: int, splits: Optional[int], relu=True, half_band=None,
+            dense=None, config: Optional[dict] = None, out_dtype: Optional[torch.dtype] = None):
+    """x already centered (``centered_input``); values in ``out_dtype`` (default x's)."""
     n, d = x.shape
+    out_dtype = out_dtype or x.dtype
     m = W_enc.shape[0]
     stages = 3  # Triton's default
     if _interpreted():
@@ -103,7 +106,7 @@ def _launch(x, W_enc, b_enc, b_dec, threshold, capacity: int, splits: Optional[i
     splits = splits or auto_splits
     latents_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, latents_per_split)
-    values = torch.empty((n, splits, capacity), device=x.device, dtype=x.dtype)
+    values = torch.empty((n, splits, capacity), device=x.device, dtype=out_dtype)
     indices = torch.empty((n, splits, capacity), device=x.device, dtype=torch.int32)
     counts = torch.empty((n, splits), device=x.device, dtype=torch.int32)
     if n == 0:
@@ -111,11 +114,11 @@ def _launch(x, W_enc, b_enc, b_dec, threshold, capacity: int, splits: Optional[i
     grid = (triton.cdiv(n, block_n), splits)
     with _device_ctx(x):
         _threshold_select_kernel[grid](
-            x, W_enc, b_enc if b_enc is not None else x, b_dec if b_dec is not None else x, threshold,
+            x, W_enc, b_enc if b_enc is not None else x, threshold,
             values, indices, counts, dense if dense is not None else values,
             n, d, m, latents_per_split, capacity, float(half_band or 0.0),
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
-            HAS_B_ENC=b_enc is not None, HAS_B_DEC=b_dec is not None, THR_PER_LATENT=threshold.dim() == 1,
+            HAS_B_ENC=b_enc is not None, THR_PER_LATENT=threshold.dim() == 1,
             RELU=relu, HAS_BAND=half_band is not None, DENSE_OUT=dense is not None,
             BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
             INPUT_PRECISION="ieee" if W_enc.element_size() >= 4 else "tf32", num_warps=warps, num_stages=stages,
@@ -155,17 +158,19 @@ def threshold_encode(
     with their exact count. ``config`` overrides the launch on a GPU (block_n, block_m,
     block_d, warps, stages: benchmarks/tune_threshold_encode.py)."""
     n = x.shape[0]
-    threshold = threshold.to(x.dtype).contiguous()
-    values, indices, counts = _launch(x, W_enc, b_enc, b_dec, threshold, capacity, splits, relu, half_band, dense,
-                                      config)
+    out_dtype = x.dtype
+    threshold = threshold.to(out_dtype).contiguous()
+    x = centered_input(x, b_dec, W_enc.dtype)
+    values, indices, counts = _launch(x, W_enc, b_enc, threshold, capacity, splits, relu, half_band, dense,
+                                      config, out_dtype)
     per_row = counts.sum(1, dtype=torch.int64)
     over = (counts > capacity).any(1)
     vals, idx, rows = _compact(values, indices, counts.masked_fill(over.unsqueeze(1), 0))
     if bool(over.any()):  # one sync; the common case needs no second pass
         again = over.nonzero().view(-1)
         # the same splits, so every row's count per split is the one just measured
-        v2, i2, c2 = _launch(x[again], W_enc, b_enc, b_dec, threshold, int(counts[again].max()), counts.shape[1],
-                             relu, half_band, config=config)
+        v2, i2, c2 = _launch(x[again], W_enc, b_enc, threshold, int(counts[again].max()), counts.shape[1],
+                             relu, half_band, config=config, out_dtype=out_dtype)
         vals2, idx2, rows2 = _compact(v2, i2, c2, again)
         order = torch.sort(torch.cat([rows, rows2]), stable=True).indices
         vals, idx = torch.cat([vals, vals2])[order], torch.cat([idx, idx2])[order]
@@ -191,11 +196,11 @@ def launch_specs() -> list:
             specs.append(dict(
                 name=f"threshold_select[{dt},{variant}]",
                 kernel=_threshold_select_kernel,
-                types=dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_enc_ptr=f"*{dt}", b_dec_ptr=f"*{dt}", thr_ptr=f"*{dt}",
+                types=dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_enc_ptr=f"*{dt}", thr_ptr=f"*{dt}",
                            val_ptr=f"*{dt}", idx_ptr="*i32", count_ptr="*i32", dense_ptr=f"*{dt}", n_rows="i32",
                            d="i32", m="i32", latents_per_split="i32", capacity="i32", half_band="fp32",
                            stride_xn="i64", stride_wm="i64"),
-                constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, HAS_B_DEC=True, **flags, BLOCK_N=block_n,
+                constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, **flags, BLOCK_N=block_n,
                                 BLOCK_M=block_m, BLOCK_D=block_d, INPUT_PRECISION="ieee" if elem >= 4 else "tf32"),
                 num_warps=warps, matmul=dt == "bf16", main=dt == "bf16",
                 divisible=("n_rows", "d", "m", "latents_per_split"),  # N=8192, d=2304, M=131072
@@ -211,6 +216,6 @@ def _allowances(dt: str, dense: bool) -> dict:
     allow = {"no_wgmma": "dense output (a compatibility path for callers that need [N, M]) uses 32-row "
                          "blocks so its store pointers fit in registers (64 rows spill), below wgmma's "
                          "64-row tile: sm_90 uses mma.sync"}
-    if dt == "fp32":
-        allow["spills"] = "fp32 dense output on sm_90: 12 B (ptxas holds 8 warps to 128 registers); not a throughput path"
+    allow["spills"] = ("dense output: ptxas holds the 8-warp build to 128 registers and may spill ~12 B "
+                       "(bf16 on sm_80, fp32 on sm_90 as measured); a compatibility path, not a throughput path")
     return allow

@@ -1,7 +1,8 @@
 """Fused encoder GEMM + running top-k: the [N, M] pre-activations are never written.
 
 Program (row block, latent split) computes ``pre = (x - b_dec) @ W_encᵀ + b_enc`` one
-[BLOCK_N, BLOCK_M] tile at a time with ``tl.dot`` and folds each tile into a running list of
+[BLOCK_N, BLOCK_M] tile at a time with ``tl.dot`` (the launcher forms ``x - b_dec`` once,
+``encoder_tile.centered_input``) and folds each tile into a running list of
 the BLOCK_M best entries per row:
 
 * every entry becomes one int64 key, ``orderable(pre) << 32 | (2³² - 1 - latent)``, so a
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .encoder_tile import encoder_pre_tile
+from .encoder_tile import centered_input, encoder_pre_tile
 from .sparse_gather import _device_ctx, _interpreted
 
 _KEY_MIN = -(2**63)  # "no candidate": below every sentinel and every real key
@@ -69,10 +70,10 @@ def _fold(best, keys, SORT_ABOVE: tl.constexpr):
 
 @triton.jit
 def _topk_partial_kernel(
-    x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, dead_ptr, part_ptr, aux_part_ptr,
+    x_ptr, w_ptr, b_enc_ptr, dead_ptr, part_ptr, aux_part_ptr,
     n_rows, d, m, latents_per_split,
     stride_xn, stride_xd, stride_wm, stride_wd,
-    HAS_B_ENC: tl.constexpr, HAS_B_DEC: tl.constexpr, HAS_AUX: tl.constexpr,
+    HAS_B_ENC: tl.constexpr, HAS_AUX: tl.constexpr,
     K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     SORT_ABOVE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -91,8 +92,8 @@ def _topk_partial_kernel(
     for m0 in range(lat_begin, lat_end, BLOCK_M):
         offs_m = m0 + cols
         mask_m = offs_m < lat_end
-        acc = encoder_pre_tile(x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, offs_n, mask_n, offs_m, mask_m, d,
-                               stride_xn, stride_xd, stride_wm, stride_wd, HAS_B_ENC, HAS_B_DEC,
+        acc = encoder_pre_tile(x_ptr, w_ptr, b_enc_ptr, offs_n, mask_n, offs_m, mask_m, d,
+                               stride_xn, stride_xd, stride_wm, stride_wd, HAS_B_ENC,
                                BLOCK_N, BLOCK_M, BLOCK_D, INPUT_PRECISION)
         valid = mask_n[:, None] & mask_m[None, :]
         keys = _keys(acc, offs_m[None, :], valid)
@@ -126,8 +127,8 @@ def _tile_config(k_pad: int, elem_size: int, has_aux: bool = False):
     if elem_size <= 2:
         if block_m <= 64 and not has_aux:
             # benchmarks/results/tune_topk_encode_h200.txt (bf16, N=16384 d=2304 M=131072 k=64):
-            # 4 warps / 4 stages 45.3 ms against 68.5 ms for 8 warps / 3 stages, although with
-            # 4 warps ptxas spills ~1.1 KB of the running lists (to L1).
+            # 4 warps / 4 stages 45.3 ms against 68.5 ms for 8 warps / 3 stages (at the launch's
+            # specialization the sm_90 build does not spill; sm_80 spills 440 B of the lists).
             return 64, 64, 64, 4, 4
         return max(16, 64 * 64 // block_m), block_m, 64, 8, 3  # AuxK and k > 64: not yet timed
     return max(16, 32 * 64 // block_m), block_m, 32, 8, 3
@@ -168,6 +169,8 @@ def topk_encode(
     overrides launch parameters (benchmarks/tune_topk_encode.py)."""
     n, d = x.shape
     m = W_enc.shape[0]
+    out_dtype = x.dtype
+    x = centered_input(x, b_dec, W_enc.dtype)
     has_aux = dead_mask is not None and k_aux > 0
     k_pad = triton.next_power_of_2(max(k, k_aux if has_aux else 1))
     cfg = _config(n, m, k_pad, W_enc.element_size(), _interpreted(), has_aux)
@@ -183,20 +186,20 @@ def topk_encode(
     grid = (triton.cdiv(n, cfg["block_n"]), n_splits)
     with _device_ctx(x):
         _topk_partial_kernel[grid](
-            x, W_enc, b_enc if b_enc is not None else x, b_dec if b_dec is not None else x, dead, part, aux_part,
+            x, W_enc, b_enc if b_enc is not None else x, dead, part, aux_part,
             n, d, m, latents_per_split,
             x.stride(0), x.stride(1), W_enc.stride(0), W_enc.stride(1),
-            HAS_B_ENC=b_enc is not None, HAS_B_DEC=b_dec is not None, HAS_AUX=has_aux,
+            HAS_B_ENC=b_enc is not None, HAS_AUX=has_aux,
             K_PAD=k_pad, BLOCK_N=cfg["block_n"], BLOCK_M=block_m, BLOCK_D=cfg["block_d"],
             SORT_ABOVE=cfg["sort_above"], INPUT_PRECISION="ieee" if W_enc.element_size() >= 4 else "tf32",
             num_warps=cfg["warps"], num_stages=cfg["stages"],
         )
     pre, idx, _ = _decode_keys(part.view(n, -1), k)
-    pre = pre.to(x.dtype)
+    pre = pre.to(out_dtype)
     if not has_aux:
-        return pre, idx, x.new_zeros((n, 0)), idx.new_zeros((n, 0))
+        return pre, idx, pre.new_zeros((n, 0)), idx.new_zeros((n, 0))
     aux_pre, aux_idx, valid = _decode_keys(aux_part.view(n, -1), k_aux)
-    return pre, idx, aux_pre.masked_fill(~valid, 0).to(x.dtype), aux_idx
+    return pre, idx, aux_pre.masked_fill(~valid, 0).to(out_dtype), aux_idx
 
 
 def launch_specs() -> list:
@@ -209,10 +212,10 @@ def launch_specs() -> list:
                 specs.append(dict(
                     name=f"topk_partial[{dt},k<={k_pad}{',aux' if has_aux else ''}]",
                     kernel=_topk_partial_kernel,
-                    types=dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_enc_ptr=f"*{dt}", b_dec_ptr=f"*{dt}", dead_ptr="*i8",
+                    types=dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_enc_ptr=f"*{dt}", dead_ptr="*i8",
                                part_ptr="*i64", aux_part_ptr="*i64", n_rows="i32", d="i32", m="i32",
                                latents_per_split="i32", stride_xn="i64", stride_wm="i64"),
-                    constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, HAS_B_DEC=True, HAS_AUX=has_aux, K_PAD=k_pad,
+                    constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, HAS_AUX=has_aux, K_PAD=k_pad,
                                     BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, SORT_ABOVE=_SORT_ABOVE,
                                     INPUT_PRECISION="ieee" if elem >= 4 else "tf32"),
                     num_warps=warps, num_stages=stages, matmul=dt == "bf16",
@@ -228,9 +231,13 @@ def _untuned_allowances(dt: str, k_pad: int, has_aux: bool) -> dict:
     launch's real specialization, Triton 3.8)."""
     allow = {}
     if dt == "bf16" and k_pad == 64 and not has_aux:
-        allow["spills"] = ("sm_80 only: 4 warps hold the 64x64 running key lists with 440 B spilled to L1 "
+        allow["spills"] = ("sm_80 only: 4 warps hold the 64x64 running key lists with ~1 KB spilled to L1 "
                            "(the sm_90 build is clean); 4 warps ran 1.5x faster than the 8-warp launch on an "
                            "H200 (45.3 vs 68.5 ms, benchmarks/results/tune_topk_encode_h200.txt)")
+    if dt == "bf16" and k_pad > 64 and has_aux:
+        allow["spills"] = ("two running lists of 128 int64 keys per row (BatchTopK-size k with AuxK) exceed "
+                           "255 registers: sm_80 ~500 B, sm_90 ~160 B to L1; correct (interpreter and "
+                           "reference tests); not yet timed on a GPU")
     if dt == "fp32":
         allow["spills"] = ("ptxas holds these 8-warp fp32 builds to 128 registers and spills up to 120 B "
                            "(k<=64 with AuxK, k<=128; both arches); fp32 is the precision path (IEEE dot), "
