@@ -2,6 +2,7 @@
 ``sae_fast.accelerate()``, on the same GPU.
 
     python benchmarks/bench_integrations.py [--quick] [--libraries saelens,sparsify,dictionary_learning]
+    python benchmarks/bench_integrations.py --dry-run   # CPU, tiny shape, untimed: checks the script
 
 One step = the library's training forward pass (its losses, AuxK on a dead mask where it has
 one), backward, and its optimizer step, exactly as its trainer runs them:
@@ -103,6 +104,45 @@ def dictionary_learning_step(shape, dtype, device):
 
 
 BUILDERS = {"saelens": saelens_step, "sparsify": sparsify_step, "dictionary_learning": dictionary_learning_step}
+DRY_SHAPE = {"N": 64, "d": 48, "M": 384, "k": 8}
+
+
+def _parameters(obj):
+    module = obj.ae if hasattr(obj, "ae") else obj  # dictionary_learning's trainer holds its AutoEncoder
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def dry_run(libraries) -> list:
+    """The benchmark's own builders and steps on the CPU at a tiny fp32 shape, so a lease does
+    not find a broken builder: one step unpatched and one accelerated from the same seed and
+    input; each must change the parameters and leave them finite. Returns and prints
+    [(library, max |Δparam| between the two)], for information only: after one Adam step every
+    parameter moves by about the learning rate whatever its gradient's size, so a near-zero
+    gradient that differs in rounding moves by ±lr (the gradients' parity is tested in
+    tests/test_integration_*.py)."""
+    import sae_fast
+
+    results = []
+    x = torch.randn(DRY_SHAPE["N"], DRY_SHAPE["d"], generator=torch.Generator().manual_seed(2))
+    for lib in libraries:
+        after = []
+        for accelerated in (False, True):
+            torch.manual_seed(0)
+            obj, step = BUILDERS[lib](DRY_SHAPE, torch.float32, torch.device("cpu"))
+            before = _parameters(obj)
+            if accelerated:
+                sae_fast.accelerate(obj)
+            step(x.clone())
+            params = _parameters(obj)
+            if all(torch.equal(params[n], before[n]) for n in params):
+                raise RuntimeError(f"bench_integrations dry run: {lib} step left every parameter unchanged")
+            if not all(bool(t.isfinite().all()) for t in params.values()):
+                raise RuntimeError(f"bench_integrations dry run: {lib} step made a parameter non-finite")
+            after.append(params)
+        diff = max(float((after[0][n] - after[1][n]).abs().max()) for n in after[0])
+        results.append((lib, diff))
+        print(f"{lib}: one step unpatched vs accelerated, max |delta param| = {diff:.3g}")
+    return results
 
 
 def main(argv=None):
@@ -112,12 +152,16 @@ def main(argv=None):
     p.add_argument("--libraries", default=",".join(LIBRARIES))
     p.add_argument("--dtype", default="bf16", choices=sorted(harness.DTYPES))
     p.add_argument("--list", action="store_true", help="print the planned shapes and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="CPU: one step of each library at a tiny shape, unpatched and accelerated, untimed")
     args = p.parse_args(argv)
     shapes = shape_plan(args.quick)
     if args.list:
         for s in shapes:
             print(harness.shape_str(s))
         return []
+    if args.dry_run:
+        return dry_run(args.libraries.split(","))
     harness.require_cuda()
     sae_fast = harness.import_sae_fast()
     peaks = harness.measure_peaks()

@@ -102,3 +102,15 @@ def test_attention_sweep_dry_run(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.split()[:1] in (["fwd"], ["dq"], ["dkdv"])]
     assert len(rows) == 6
     assert all(float(row[-1]) < 2e-2 for row in rows), rows  # bf16 outputs; dK/dV row steps change the sum order
+
+
+def test_integrations_dry_run():
+    """bench_integrations' builders and steps (issue 7's GPU benchmark) run for all three
+    libraries, unpatched and accelerated, on the CPU at a tiny shape."""
+    pytest.importorskip("sae_lens")
+    pytest.importorskip("sparsify")
+    pytest.importorskip("dictionary_learning")
+    import bench_integrations
+
+    results = bench_integrations.main(["--dry-run"])
+    assert [lib for lib, _ in results] == ["saelens", "sparsify", "dictionary_learning"]
