@@ -23,7 +23,7 @@ def _dense_batch(x, W, b_enc, b_dec, k, threshold=None):
     act = torch.relu(pre)
     if threshold is None:
         flat = act.detach().reshape(-1)
-        winners = torch.sort(flat, descending=True, stable=True).indices[: k * x.shape[0]]
+        winners = torch.sort(flat, descending=True, stable=True).indices[: int(k * x.shape[0])]
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[winners] = True
         keep = keep.view_as(pre) & (pre.detach() > 0)
@@ -60,7 +60,8 @@ def _check_csr(codes, n):
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
-@pytest.mark.parametrize("n,d,m,k", [(9, 13, 53, 5), (4, 6, 17, 1), (3, 5, 11, 11), (12, 7, 40, 3)])
+@pytest.mark.parametrize("n,d,m,k", [(9, 13, 53, 5), (4, 6, 17, 1), (3, 5, 11, 11), (12, 7, 40, 3),
+                                     (9, 13, 53, 2.5), (7, 5, 19, 0.3), (3, 5, 11, 10.9)])
 def test_training_selection_and_gradients(backend, device, n, d, m, k):
     x, W, b_enc, b_dec = _int_leaves(n, d, m, device, _dtype(backend))
     codes = sae_fast.batchtopk_encode(x, W, b_enc, k, b_dec=b_dec, backend=backend)
@@ -143,6 +144,11 @@ def test_gradcheck():
     [
         (dict(k=0), ValueError, "k must be"),
         (dict(k=21), ValueError, "k must be"),
+        (dict(k=20.5), ValueError, "k must be"),
+        (dict(k=-1.5), ValueError, "k must be"),
+        (dict(k=float("nan")), ValueError, "k must be"),
+        (dict(k="3"), ValueError, "k must be"),
+        (dict(k=True), ValueError, "k must be"),
         (dict(W_enc=torch.randn(20, 5)), ValueError, "W_enc must be"),
         (dict(b_enc=torch.randn(19)), ValueError, "b_enc must be"),
         (dict(b_dec=torch.randn(5)), ValueError, "b_dec must be"),
@@ -396,3 +402,11 @@ def test_strided_weight(backend, device, threshold):
     for a, b in zip(got[:4], want[:4]):
         assert torch.equal(a, b)
     assert got.aux_values is None and got.aux_indices is None
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_fractional_k_below_one_row(backend, device):
+    """k·N < 1 keeps nothing (as SAELens's topk of int(k·N) = 0 entries): empty CSR, threshold 0."""
+    x, W, b_enc, b_dec = _int_leaves(3, 5, 11, device, _dtype(backend))
+    codes = sae_fast.batchtopk_encode(x, W, b_enc, 0.2, b_dec=b_dec, backend=backend)
+    assert codes.values.numel() == 0 and codes.row_offsets.tolist() == [0, 0, 0, 0] and codes.threshold == 0

@@ -269,11 +269,12 @@ def test_topk_ties_keep_the_smaller_latent_id(calls):
 # BatchTopK
 
 
-@pytest.mark.parametrize("num_dead", [0, 6, 40])
-def test_batchtopk_training(calls, num_dead):
+@pytest.mark.parametrize("num_dead,k", [(0, 4.0), (6, 4.0), (40, 4.0), (0, 2.5), (6, 3.7)])
+def test_batchtopk_training(calls, num_dead, k):
     """encode / forward / training pass; AuxK over few dead latents (a dense GEMM over their
-    columns) and many (the fused TopK op's dead selection); the running threshold update."""
-    cfg = BatchTopKTrainingSAEConfig(d_in=D, d_sae=M, k=4.0, topk_threshold_lr=0.5)
+    columns) and many (the fused TopK op's dead selection); the running threshold update; a
+    fractional k (SAELens keeps int(k·N) of the batch: 12 rows at k = 2.5 keep 30, at 3.7 44)."""
+    cfg = BatchTopKTrainingSAEConfig(d_in=D, d_sae=M, k=k, topk_threshold_lr=0.5)
     sae = randomize(BatchTopKTrainingSAE(cfg))
     ref, handle = twin(sae)
     assert handle.patched == list(PATCHED)
@@ -517,8 +518,7 @@ def test_accelerating_twice_warns():
     lambda: AbsTopKSAE(AbsTopKSAEConfig(d_in=D, d_sae=M, k=K)),
     lambda: MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
         d_in=D, d_sae=M, k=K, matryoshka_widths=[20, M])),
-    lambda: BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=D, d_sae=M, k=2.5)),
-], ids=["standard", "gated", "abstopk", "matryoshka", "batchtopk-fractional-k"])
+], ids=["standard", "gated", "abstopk", "matryoshka"])
 def test_unsupported_architecture_warns_and_is_unchanged(calls, make):
     sae = make()
     state = {k: v.clone() for k, v in sae.state_dict().items()}

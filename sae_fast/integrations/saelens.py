@@ -13,7 +13,7 @@ SAELens class                patched methods
 ``TopKSAE``                  ``encode``, ``decode``, ``forward``
 ``TopKTrainingSAE``          the same + ``training_forward_pass`` (MSE + AuxK)
 ``BatchTopKTrainingSAE``     the same + ``training_forward_pass`` (MSE + AuxK + the
-                             running ``topk_threshold`` update); needs an integral ``k``
+                             running ``topk_threshold`` update); ``k`` may be fractional
 ``JumpReLUSAE``              ``encode``, ``decode``, ``forward``
 ``JumpReLUTrainingSAE``      the same + ``training_forward_pass`` (MSE + L0 "step" loss +
                              ``pre_act_loss``)
@@ -447,8 +447,10 @@ def _batchtopk_patches(sl, backend, originals):
         act = self.activation_fn
         if type(act) is not sl.BatchTopK:
             return None
-        k = float(act.k)
-        return int(k) if k.is_integer() and 1 <= k <= self.cfg.d_sae else None
+        k = float(act.k)  # fractional k: both keep int(k·N) of the batch
+        if not 0 < k <= self.cfg.d_sae:
+            return None
+        return int(k) if k.is_integer() else k
 
     def codes_of(self, x):
         k = k_of(self)
@@ -649,9 +651,6 @@ def _classify(sae) -> tuple[Optional[str], Optional[str]]:
             return None, f"its activation_fn is {type(act).__qualname__}, not SAELens's {expected.__qualname__}"
         if kind == "jumprelu" and not isinstance(act, torch.nn.ReLU):
             return None, f"its activation_fn is {type(act).__qualname__}, not ReLU"
-        if kind == "batchtopk_training" and not float(act.k).is_integer():
-            return None, (f"BatchTopK k={act.k} is not an integer (sae_fast's batchtopk op keeps k·N activations "
-                          "for an integral k)")
         return kind, None
     return None, (f"the {cls.__qualname__} architecture is not accelerated (sae_fast accelerates TopKSAE, "
                   "TopKTrainingSAE, BatchTopKTrainingSAE, JumpReLUSAE and JumpReLUTrainingSAE)")

@@ -1,7 +1,7 @@
 """``sae_fast::batchtopk_encode``: the k·N largest encoder activations of a whole batch, as CSR.
 
-Training mode keeps the ``k·N`` largest ``relu(pre)`` over all N rows and M latents (rows
-get different counts); inference mode (a ``threshold`` given) keeps ``pre > threshold``.
+Training mode keeps the ``⌊k·N⌋`` largest ``relu(pre)`` over all N rows and M latents (rows
+get different counts; k may be fractional, as SAELens's BatchTopK allows); inference mode (a ``threshold`` given) keeps ``pre > threshold``.
 Either way the result is compact CSR with ascending latent ids in each row, and entries whose
 activation is zero are not stored (they decode to nothing and get no gradient through the
 ReLU), so ``values`` are the positive pre-activations themselves.
@@ -10,7 +10,7 @@ Order of the batch selection (the tie rule): descending value, then the smaller 
 the smaller latent id, i.e. row-major order among equal values. It is computed exactly
 without an ``[N, M]`` tensor:
 
-1. every row's ``C = 2k`` best candidates come from the fused TopK selection;
+1. every row's ``C = 2⌈k⌉`` best candidates come from the fused TopK selection;
 2. ``v*`` = the k·N-th largest candidate (over the union of the lists);
 3. a row whose list is full (C < M) and whose last candidate is positive and ``>= v*`` may hold more
    winners beyond it: those rows only are recomputed with 4x the capacity, and 2-3 repeat.
@@ -28,6 +28,7 @@ Backward: the same sparse products as TopK, with explicit row ids (``csr_grad_we
 aux entries add TopK's dense-[N, k_aux] products.
 """
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -79,14 +80,16 @@ def _candidates(x, W_enc, b_enc, b_dec, c, backend, dead_mask=None, k_aux=0):
 
 def _batch_select(x, W_enc, b_enc, b_dec, k, backend, dead_mask=None, k_aux=0):
     n, m = x.shape[0], W_enc.shape[0]
-    total = k * n
-    cap = min(m, 2 * k)
+    total = int(k * n)  # SAELens's count for a fractional k; k·N exactly for an integral one
+    cap = min(m, 2 * math.ceil(k))
     pre, idx, aux_pre, aux_idx = _candidates(x, W_enc, b_enc, b_dec, cap, backend, dead_mask, k_aux)
     vals, lats = pre.reshape(-1), idx.reshape(-1)
     rows = torch.arange(n, device=x.device).repeat_interleave(cap)
     caps = torch.full((n,), cap, device=x.device, dtype=torch.int64)
     last = pre[:, -1]
-    while True:
+    if total == 0:  # k·N < 1 (a fractional k and a tiny batch): nothing is kept
+        vals, lats, rows = vals[:0], lats[:0], rows[:0]
+    while total:
         v_star = torch.topk(vals, total, sorted=False).values.min()
         # (an entry beyond a list is <= its last one: if that is <= 0 it is dropped anyway)
         saturated = (caps < m) & (last >= v_star) & (last > 0)
@@ -101,15 +104,16 @@ def _batch_select(x, W_enc, b_enc, b_dec, k, backend, dead_mask=None, k_aux=0):
         rows = torch.cat([rows[keep], again.repeat_interleave(new_cap)])
         caps[again] = new_cap
         last[again] = pre2[:, -1]
-    # Winners: everything above v*, then the first (row, latent)-ordered entries equal to it.
-    above = vals > v_star
-    tied = (vals == v_star).nonzero().view(-1)
-    room = total - int(above.sum())
-    tie_order = torch.argsort(rows[tied] * m + lats[tied])
-    winners = above.clone()
-    winners[tied[tie_order[:room]]] = True
-    winners &= vals > 0
-    vals, lats, rows = vals[winners], lats[winners], rows[winners]
+    if total:
+        # Winners: everything above v*, then the first (row, latent)-ordered entries equal to it.
+        above = vals > v_star
+        tied = (vals == v_star).nonzero().view(-1)
+        room = total - int(above.sum())
+        tie_order = torch.argsort(rows[tied] * m + lats[tied])
+        winners = above.clone()
+        winners[tied[tie_order[:room]]] = True
+        winners &= vals > 0
+        vals, lats, rows = vals[winners], lats[winners], rows[winners]
     order = torch.argsort(rows * m + lats)
     counts = torch.bincount(rows, minlength=n)
     row_offsets = torch.zeros(n + 1, device=x.device, dtype=torch.int64)
@@ -123,7 +127,7 @@ def _threshold_select(x, W_enc, b_enc, b_dec, threshold, k, backend):
         return threshold_select(x, W_enc, b_enc, b_dec, threshold)
     from ..triton_kernels import threshold_encode as fused
 
-    return fused.threshold_encode(x, W_enc, b_enc, b_dec, threshold, capacity=max(16, 2 * k))
+    return fused.threshold_encode(x, W_enc, b_enc, b_dec, threshold, capacity=max(16, 2 * math.ceil(k)))
 
 
 @torch.library.custom_op("sae_fast::batchtopk_encode", mutates_args=())
@@ -133,7 +137,7 @@ def batchtopk_encode_op(
     b_enc: Optional[torch.Tensor],
     b_dec: Optional[torch.Tensor],
     threshold: Optional[torch.Tensor],
-    k: int,
+    k: float,
     backend: str,
     dead_mask: Optional[torch.Tensor] = None,
     k_aux: int = 0,
@@ -211,7 +215,7 @@ def batchtopk_encode(
     x: torch.Tensor,
     W_enc: torch.Tensor,
     b_enc: Optional[torch.Tensor],
-    k: int,
+    k: float,
     *,
     b_dec: Optional[torch.Tensor] = None,
     threshold=None,
@@ -226,8 +230,9 @@ def batchtopk_encode(
         x: ``[N, d]`` float32 / float16 / bfloat16 (float64 for tests).
         W_enc: ``[M, d]`` latent-major, any strides. b_enc: ``[M]`` or None. b_dec: ``[d]``
             or None, subtracted from x first.
-        k: mean latents kept per row; training mode keeps the k·N largest ``relu(pre)`` of
-            the batch (ties: row-major order), 1 <= k <= M.
+        k: mean latents kept per row, 0 < k <= M, an int or a float; training mode keeps the
+            ``int(k·N)`` largest ``relu(pre)`` of the batch (ties: row-major order), the count
+            SAELens's BatchTopK keeps for a fractional k.
         threshold: None for training mode; a float or 0-d tensor for inference mode, which
             keeps every entry with ``pre > threshold`` (and ``pre > 0``).
         dead_mask: ``[M]`` bool, latents counted as dead for AuxK; with ``k_aux`` > 0 (training
@@ -240,8 +245,8 @@ def batchtopk_encode(
     kept (and aux) entries.
     """
     n, d, m = _checks.check_encoder_inputs(_OP, x, W_enc, b_enc, b_dec)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m:
-        raise ValueError(f"{_OP}: k must be an int in [1, M={m}], got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= m:  # (NaN fails 0 < k)
+        raise ValueError(f"{_OP}: k must be a number in (0, M={m}], got {k!r}")
     if isinstance(k_aux, bool) or not isinstance(k_aux, int) or not 0 <= k_aux <= m:
         raise ValueError(f"{_OP}: k_aux must be an int in [0, M={m}], got {k_aux!r}")
     if k_aux > 0 and dead_mask is None:
@@ -273,7 +278,7 @@ def batchtopk_encode(
     resolved = _backend.resolve_backend(backend, x.device, x.dtype, _OP)
     use_aux = k_aux > 0  # (implies a dead mask and training mode, checked above)
     values, indices, row_offsets, thr, aux_pre, aux_indices = batchtopk_encode_op(
-        x, W_enc, b_enc, b_dec, threshold, k, resolved, dead_mask if use_aux else None, k_aux if use_aux else 0)
+        x, W_enc, b_enc, b_dec, threshold, float(k), resolved, dead_mask if use_aux else None, k_aux if use_aux else 0)
     codes = BatchTopKCodes(values, indices.to(index_dtype), row_offsets, thr)
     if use_aux:
         codes = codes._replace(aux_values=aux_pre, aux_indices=aux_indices.to(index_dtype))
