@@ -538,18 +538,186 @@ def block_sparse_attention(q, k, v, block_count, block_offset, column_count, col
     return _finish(out, q.dtype), lse
 
 
-def _bits_below(n: torch.Tensor) -> torch.Tensor:
-    """(1 << n) - 1 for 0 <= n <= 32, in int64."""
-    return torch.bitwise_left_shift(torch.ones_like(n), n) - 1
+# ----------------------------------------------------------------------- backward tile plan
+#
+# The plan is built on the index's device in about 30 launches. The eager-torch version it
+# replaces issued 212 aten ops (torch profiler, the benchmark's T = 8K index) and took 3.0 ms
+# on an H200, as much as ~10-15 µs of host time per op would explain; the new one gives the
+# same lists (compared on 60 random indices and the benchmark's). Keys sort as
+# (b·Hkv + kv head, tile, query head in group, query block); _I64_MAX marks an empty slot
+# (sorted last, never listed).
+
+
+@triton.jit
+def _bits_below_i64(n):
+    """(1 << n) - 1 for 0 <= n <= 32 (int64)."""
+    return (tl.full(n.shape, 1, tl.int64) << n) - 1
+
+
+@triton.jit
+def _plan_ranges_kernel(
+    bcount_ptr, boff_ptr, first_ptr, keys_ptr, words_ptr,
+    T, S, H, HKV, GROUP, NQB, MB, NTT, QBLOCK,
+    CAUSAL: tl.constexpr, RANGE_N: tl.constexpr, PIECES: tl.constexpr, CHUNK: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """One program per (b, query head, query block): each listed range [s, s + RANGE_N) gives
+    PIECES entries, one per aligned key tile it may touch (key, two 32-bit mask words),
+    clipped to [0, S) and to the keys the block's last row sees; an empty piece gets key MAX.
+    Entries go to slots (first[row] + j)·PIECES + piece: first = exclusive prefix of counts."""
+    r = tl.program_id(0).to(tl.int64)
+    qb = r % NQB
+    bh = r // NQB
+    h = bh % H
+    bkv = (bh // H) * HKV + h // GROUP
+    within = (h % GROUP) * NQB + qb
+    n = tl.minimum(tl.maximum(tl.load(bcount_ptr + r), 0), MB)
+    base = tl.load(first_ptr + r)
+    if CAUSAL:
+        lim = tl.minimum(tl.minimum((qb + 1) * QBLOCK, T) - 1 + (S - T), S - 1)
+    else:
+        lim = S - 1
+    for j0 in range(0, n, CHUNK):
+        j = j0 + tl.arange(0, CHUNK)
+        jm = j < n
+        start = tl.load(boff_ptr + r * MB + j, mask=jm, other=0).to(tl.int64)
+        # clamped where no piece can change, then floor-divided with a non-negative numerator
+        start = tl.minimum(tl.maximum(start, -(RANGE_N + TILE)), S + TILE)
+        tile0 = (start + 1024 * TILE) // TILE - 1024
+        for p in tl.static_range(PIECES):
+            t = tile0 + p
+            lo = tl.maximum(tl.maximum(start, t * TILE), 0)
+            hi = tl.minimum(tl.minimum(start + RANGE_N, (t + 1) * TILE), lim + 1)
+            ok = jm & (hi > lo)
+            key = tl.where(ok, (bkv * NTT + t) * (GROUP * NQB) + within, 9223372036854775807)
+            rel_lo = lo - t * TILE
+            rel_hi = hi - t * TILE
+            w0 = _bits_below_i64(tl.minimum(tl.maximum(rel_hi, 0), 32)) - _bits_below_i64(tl.minimum(tl.maximum(rel_lo, 0), 32))
+            w1 = (_bits_below_i64(tl.minimum(tl.maximum(rel_hi - 32, 0), 32))
+                  - _bits_below_i64(tl.minimum(tl.maximum(rel_lo - 32, 0), 32)))
+            slot = (base + j) * PIECES + p
+            tl.store(keys_ptr + slot, key, mask=jm)
+            tl.store(words_ptr + 2 * slot, tl.where(ok, w0, 0), mask=jm)
+            tl.store(words_ptr + 2 * slot + 1, tl.where(ok, w1, 0), mask=jm)
+
+
+@triton.jit
+def _plan_columns_kernel(
+    ccount_ptr, cidx_ptr, first_ptr, ckey_ptr, within_ptr,
+    T, S, H, HKV, GROUP, NQB, MC, QBLOCK,
+    CAUSAL: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """One program per (b, query head, query block): each listed column that some row of the
+    block may see becomes (b·Hkv + kv head)·S + key, beside (head in group, block); others
+    get MAX. Slots first[row] + c (exclusive prefix of the column counts)."""
+    r = tl.program_id(0).to(tl.int64)
+    qb = r % NQB
+    bh = r // NQB
+    h = bh % H
+    bkv = (bh // H) * HKV + h // GROUP
+    within = ((h % GROUP) * NQB + qb).to(tl.int32)
+    n = tl.minimum(tl.maximum(tl.load(ccount_ptr + r), 0), MC)
+    base = tl.load(first_ptr + r)
+    if CAUSAL:
+        lim = tl.minimum(tl.minimum((qb + 1) * QBLOCK, T) - 1 + (S - T), S - 1)
+    else:
+        lim = S - 1
+    for c0 in range(0, n, CHUNK):
+        c = c0 + tl.arange(0, CHUNK)
+        cm = c < n
+        col = tl.load(cidx_ptr + r * MC + c, mask=cm, other=-1).to(tl.int64)
+        ok = cm & (col >= 0) & (col <= lim)
+        tl.store(ckey_ptr + base + c, tl.where(ok, bkv * S + col, 9223372036854775807), mask=cm)
+        tl.store(within_ptr + base + c, within + 0 * c.to(tl.int32), mask=cm)
+
+
+@triton.jit
+def _plan_column_rank_kernel(
+    ck_ptr, within_ptr, distinct_ptr, before_ptr, col_keys_ptr, slot_ptr, keys_ptr, words_ptr,
+    C, S, NTT, NKB, GROUP, NQB, COL_ROWS, OUT0,
+    BLOCK: tl.constexpr, TILE: tl.constexpr,
+):
+    """Over the sorted column keys: rank = distinct keys of the same kv head before this one;
+    the first copy of each key writes the key <-> rank tables (distinct places); every copy
+    writes its entry (column tile NKB + rank // TILE, one bit) to slot OUT0 + i."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    im = i < C
+    ck = tl.load(ck_ptr + i, mask=im, other=9223372036854775807)
+    prev = tl.load(ck_ptr + i - 1, mask=im & (i > 0), other=-1)
+    valid = im & (ck != 9223372036854775807)
+    owner = tl.where(valid, ck // S, 0)
+    col = tl.where(valid, ck % S, 0)
+    rank = tl.load(distinct_ptr + i, mask=valid, other=1) - 1 - tl.load(before_ptr + owner, mask=valid, other=0)
+    first = valid & (ck != prev)
+    tl.store(col_keys_ptr + owner * COL_ROWS + rank, col.to(tl.int32), mask=first)
+    tl.store(slot_ptr + owner * S + col, rank.to(tl.int32), mask=first)
+    within = tl.load(within_ptr + i, mask=valid, other=0).to(tl.int64)
+    key = tl.where(valid, (owner * NTT + NKB + rank // TILE) * (GROUP * NQB) + within, 9223372036854775807)
+    slot = rank % TILE
+    one = tl.full([BLOCK], 1, tl.int64)
+    w0 = tl.where(valid & (slot < 32), one << tl.minimum(slot, 31), 0)
+    w1 = tl.where(valid & (slot >= 32), one << tl.maximum(slot - 32, 0), 0)
+    tl.store(keys_ptr + OUT0 + i, key, mask=im)
+    tl.store(words_ptr + 2 * (OUT0 + i), w0, mask=im)
+    tl.store(words_ptr + 2 * (OUT0 + i) + 1, w1, mask=im)
+
+
+@triton.jit
+def _plan_last_kernel(skeys_ptr, last_ptr, E, BLOCK: tl.constexpr):
+    """1 where a sorted entry ends its run of equal keys (and is not an empty slot), else 0."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    im = i < E
+    key = tl.load(skeys_ptr + i, mask=im, other=9223372036854775807)
+    nxt = tl.load(skeys_ptr + i + 1, mask=im & (i + 1 < E), other=-1)
+    tl.store(last_ptr + i, (im & (key != nxt) & (key != 9223372036854775807)).to(tl.int64), mask=im)
+
+
+@triton.jit
+def _plan_merge_kernel(
+    skeys_ptr, order_ptr, words_ptr, last_ptr, pos_ptr, ent_keys_ptr, ent_head_ptr, ent_qb_ptr, ent_bits_ptr,
+    E, NQB, GROUP, BLOCK: tl.constexpr, MAX_RUN: tl.constexpr,
+):
+    """The last entry of each run of equal sorted keys (one tile, head, block) ORs the run's
+    mask words (read through the sort order) and writes the merged entry to slot pos - 1
+    (pos: inclusive prefix count of run ends), so the entries stay sorted and packed. A run
+    holds at most TILE + 8 entries when no key is listed twice for a block (the op's
+    documented precondition); MAX_RUN bounds the walk back."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    im = i < E
+    last = tl.load(last_ptr + i, mask=im, other=0) != 0
+    key = tl.load(skeys_ptr + i, mask=last, other=0)
+    src = tl.load(order_ptr + i, mask=last, other=0)
+    w0 = tl.load(words_ptr + 2 * src, mask=last, other=0)
+    w1 = tl.load(words_ptr + 2 * src + 1, mask=last, other=0)
+    walking = last
+    for step in range(1, MAX_RUN):
+        j = i - step
+        walking = walking & (j >= 0)
+        walking = walking & (tl.load(skeys_ptr + j, mask=walking, other=-1) == key)
+        sj = tl.load(order_ptr + j, mask=walking, other=0)
+        w0 = w0 | tl.load(words_ptr + 2 * sj, mask=walking, other=0)
+        w1 = w1 | tl.load(words_ptr + 2 * sj + 1, mask=walking, other=0)
+    out = tl.load(pos_ptr + i, mask=last, other=1) - 1
+    within = key % (GROUP * NQB)
+    tl.store(ent_keys_ptr + out, key, mask=last)
+    tl.store(ent_head_ptr + out, (within // NQB).to(tl.int32), mask=last)
+    tl.store(ent_qb_ptr + out, (within % NQB).to(tl.int32), mask=last)
+    tl.store(ent_bits_ptr + 2 * out, w0, mask=last)
+    tl.store(ent_bits_ptr + 2 * out + 1, w1, mask=last)
+
+
+_PLAN_CHUNK = 128  # index entries a row program handles per step
+_PLAN_BLOCK = 256  # sorted entries per program (rank, run ends, merge)
+_PLAN_MAX_RUN = TILE_N + 8  # longest run of one (tile, head, block) under the op's precondition
 
 
 def build_backward_plan(block_count, block_offset, column_count, column_index, T, S, Hkv,
                         causal=True, block_m=64, block_n=64):
-    """The per-(b, kv head, key tile) entry lists of the dK/dV kernel, with torch ops on the
-    index's device: no atomics (sorts, prefix sums, index writes to distinct places), so the
-    same index always gives the same lists. Two host syncs (``nonzero``) keep only the listed
-    ranges and columns: the index is padded to its widest query block (at T = 32K, 16.8M
-    range slots held 0.3M ranges), and every temporary here scales with what it holds.
+    """The per-(b, kv head, key tile) entry lists of the dK/dV kernel, built on the index's
+    device without atomics (row-ordered writes, one sort of the entries, prefix sums), so the
+    same index always gives the same lists. Two host syncs (the listed ranges' and columns'
+    totals) size everything by what the index holds, not by its padding (at T = 32K, 16.8M
+    range slots held 0.3M ranges).
 
     Entries are (tile, query head in group, query block, key mask). Tiles 0..NKB-1 of a kv
     head are the aligned key tiles that ranges cover; tiles NKB.. are column tiles: the
@@ -560,8 +728,9 @@ def build_backward_plan(block_count, block_offset, column_count, column_index, T
     Returns a dict: tile_off [B·Hkv·NTT + 1] int64 (CSR over tiles, NTT = NKB + NCT tiles per
     kv head), ent_head / ent_qb int32, ent_bits [E, WORDS] int64 (32-bit words), col_keys
     [B·Hkv, NCT·TILE_N] int32 (-1: empty slot), slot_of_key [B·Hkv, S] int32 (-1: not a
-    column key), nkb, nct.
+    column key), nkb, nct. Entries past tile_off[-1] are padding.
     """
+    assert _MASK_WORDS == 2
     dev = block_count.device
     B, H, NQB = block_count.shape
     G = H // Hkv
@@ -570,106 +739,65 @@ def build_backward_plan(block_count, block_offset, column_count, column_index, T
     MB, MC = block_offset.shape[-1], column_index.shape[-1]
     NCT = triton.cdiv(min(S, G * NQB * MC), TILE_N)
     NTT = NKB + NCT
+    rows = B * H * NQB
     i64 = torch.int64
+    pieces = triton.cdiv(block_n, TILE_N) + 1
+    dims = (T, S, H, Hkv, G, NQB)
+    block_count, block_offset = block_count.contiguous(), block_offset.contiguous()
+    column_count, column_index = column_count.contiguous(), column_index.contiguous()
 
-    qb_i = torch.arange(NQB, device=dev, dtype=i64)
-    row_last = torch.clamp((qb_i + 1) * block_m, max=T) - 1
-    lim = torch.clamp(row_last + (S - T), max=S - 1) if causal else torch.full_like(qb_i, S - 1)  # [NQB]
+    def exclusive_prefix(counts, width):
+        c = counts.reshape(-1).to(i64).clamp(0, width)
+        incl = torch.cumsum(c, 0)
+        return incl - c, int(incl[-1])  # host sync: the total sizes the buffers
 
-    keys_parts, words_parts = [], []
-    word_lo = torch.arange(_MASK_WORDS, device=dev, dtype=i64) * 32
-    if MB:
-        listed = torch.arange(MB, device=dev) < block_count[..., None].to(i64)
-        b_r, h_r, qb_r, j_r = listed.nonzero(as_tuple=True)  # host sync: the listed ranges only
-        starts = block_offset[b_r, h_r, qb_r, j_r].to(i64)[:, None]  # [R, 1]
-        pieces = triton.cdiv(block_n, TILE_N) + 1
-        t = torch.div(starts, TILE_N, rounding_mode="floor") + torch.arange(pieces, device=dev)  # [R, pieces]
-        lo = torch.maximum(torch.maximum(starts, t * TILE_N), torch.zeros((), dtype=i64, device=dev))
-        hi = torch.minimum(torch.minimum(starts + block_n, (t + 1) * TILE_N), lim[qb_r][:, None] + 1)
-        ok = hi > lo
-        bkv = (b_r * Hkv + h_r // G)[:, None]
-        key = (bkv * NTT + t) * (G * NQB) + ((h_r % G) * NQB + qb_r)[:, None]
-        keys_parts.append(torch.where(ok, key, _I64_MAX).reshape(-1))
-        rel_lo = (lo - t * TILE_N)[..., None] - word_lo
-        rel_hi = (hi - t * TILE_N)[..., None] - word_lo
-        words = _bits_below(rel_hi.clamp(0, 32)) - _bits_below(rel_lo.clamp(0, 32))
-        words_parts.append(torch.where(ok[..., None], words, 0).reshape(-1, _MASK_WORDS))
-
+    n_ranges = n_cols = 0
+    if MB and rows:
+        range_first, n_ranges = exclusive_prefix(block_count, MB)
+    if MC and NCT and rows:
+        col_first, n_cols = exclusive_prefix(column_count, MC)
+    E = n_ranges * pieces + n_cols
+    keys = torch.empty(E, dtype=i64, device=dev)
+    words = torch.empty((E, _MASK_WORDS), dtype=i64, device=dev)
     col_keys = torch.full((BH, max(NCT, 1) * TILE_N), -1, dtype=torch.int32, device=dev)
     slot_of_key = torch.full((BH, S), -1, dtype=torch.int32, device=dev)
-    if MC and NCT:
-        cols = column_index.to(i64)
-        listed = torch.arange(MC, device=dev) < column_count[..., None].to(i64)
-        ok = listed & (cols >= 0) & (cols <= lim[:, None])
-        flat_ok = ok.reshape(-1).nonzero().squeeze(1)  # host sync: position in [B, H, NQB, MC]
-    if MC and NCT and flat_ok.numel():  # the count is known on the host after the sync
-        h_c = (flat_ok // (NQB * MC)) % H
-        bkv_c = (flat_ok // (H * NQB * MC)) * Hkv + h_c // G
-        ck_sorted, order = torch.sort(bkv_c * S + cols.reshape(-1)[flat_ok])
-        first = torch.ones_like(ck_sorted, dtype=torch.bool)
-        first[1:] = ck_sorted[1:] != ck_sorted[:-1]
-        distinct = torch.cumsum(first.to(i64), 0)  # distinct keys up to and including i
-        owner = ck_sorted // S
-        # distinct keys of lower kv heads: count before the first entry of this kv head
-        head_start = torch.searchsorted(ck_sorted, torch.arange(BH, device=dev, dtype=i64) * S)
-        before = torch.where(head_start > 0, distinct[(head_start - 1).clamp(min=0)], 0)
-        rank = distinct - 1 - before[owner]
-        col = ck_sorted % S
-        # key tables: written once per distinct key (distinct places: deterministic)
-        trash_k, trash_s = BH * col_keys.shape[1], BH * S
-        ck_flat = torch.cat([col_keys.view(-1), col_keys.new_full((1,), -1)])
-        ck_flat[torch.where(first, owner * col_keys.shape[1] + rank, trash_k)] = col.to(torch.int32)
-        col_keys = ck_flat[:-1].view(BH, -1)
-        sk_flat = torch.cat([slot_of_key.view(-1), slot_of_key.new_full((1,), -1)])
-        sk_flat[torch.where(first, owner * S + col, trash_s)] = rank.to(torch.int32)
-        slot_of_key = sk_flat[:-1].view(BH, S)
-        # entries: (column tile, head in group, block) with one bit
-        flat = flat_ok[order]  # position in [B, H, NQB, MC]
-        hq = (flat // (NQB * MC)) % H
-        qb = (flat // MC) % NQB
-        tile = NKB + rank // TILE_N
-        keys_parts.append((owner * NTT + tile) * (G * NQB) + (hq % G) * NQB + qb)
-        slot = (rank % TILE_N)[:, None]
-        bit = torch.bitwise_left_shift(torch.ones_like(slot), (slot - word_lo).clamp(0, 31))
-        in_word = (slot >= word_lo) & (slot < word_lo + 32)
-        words_parts.append(torch.where(in_word, bit, 0))
-
-    if keys_parts:
-        keys = torch.cat(keys_parts)
-        words = torch.cat(words_parts)
-    else:
-        keys = torch.full((0,), _I64_MAX, dtype=i64, device=dev)
-        words = torch.zeros((0, _MASK_WORDS), dtype=i64, device=dev)
-    E = keys.numel()
-    sorted_keys, order = torch.sort(keys)
-    words = words[order]
-    first = torch.ones(E, dtype=torch.bool, device=dev)
-    last = torch.ones(E, dtype=torch.bool, device=dev)
-    if E > 1:
-        first[1:] = sorted_keys[1:] != sorted_keys[:-1]
-        last[:-1] = first[1:]
-    # Merge each run of equal keys (one (tile, head, block)): its masks are disjoint, so the
-    # OR is the sum, taken as a difference of prefix sums (exact in int64). Only 1-D scans:
-    # torch runs those as one device-wide scan, while a scan down dim 0 of [E, WORDS] (or a
-    # cummax) walks the E rows nearly serially on a GPU (380 ms at T = 8K on an H200).
-    csum = torch.stack([torch.cumsum(words[:, w].contiguous(), 0) for w in range(_MASK_WORDS)], 1)
-    run = torch.cumsum(first.to(i64), 0) - 1  # which run each entry belongs to
-    run_base = torch.zeros((E + 1, _MASK_WORDS), dtype=i64, device=dev)
-    run_base[torch.where(first, run, E)] = csum - words  # one write per run: distinct places
-    merged = csum - run_base[run.clamp(min=0)]
-    keep = last & (sorted_keys != _I64_MAX)
-    target = torch.where(keep, torch.cumsum(keep.to(i64), 0) - 1, E)
-    ent_keys = torch.full((E + 1,), _I64_MAX, dtype=i64, device=dev)
-    ent_keys[target] = sorted_keys
-    ent_bits = torch.zeros((E + 1, _MASK_WORDS), dtype=i64, device=dev)
-    ent_bits[target] = merged
-    ent_keys, ent_bits = ent_keys[:E], ent_bits[:E]
-    within = torch.where(ent_keys != _I64_MAX, ent_keys % (G * NQB), 0)
-    ent_head = (within // NQB).to(torch.int32)
-    ent_qb = (within % NQB).to(torch.int32)
+    with _device_ctx(block_count):
+        if n_ranges:
+            _plan_ranges_kernel[(rows,)](
+                block_count, block_offset, range_first, keys, words, *dims, MB, NTT, block_m,
+                CAUSAL=bool(causal), RANGE_N=block_n, PIECES=pieces, CHUNK=_PLAN_CHUNK, TILE=TILE_N, num_warps=4)
+        if n_cols:
+            ck = torch.empty(n_cols, dtype=i64, device=dev)
+            within = torch.empty(n_cols, dtype=torch.int32, device=dev)
+            _plan_columns_kernel[(rows,)](
+                column_count, column_index, col_first, ck, within, *dims, MC, block_m,
+                CAUSAL=bool(causal), CHUNK=_PLAN_CHUNK, num_warps=4)
+            ck, order = torch.sort(ck)
+            within = within[order]
+            new_key = torch.ones(n_cols, dtype=i64, device=dev)
+            new_key[1:] = ck[1:] != ck[:-1]
+            distinct = torch.cumsum(new_key, 0)  # distinct keys up to and including i
+            head_start = torch.searchsorted(ck, torch.arange(BH, device=dev, dtype=i64) * S)
+            before = torch.where(head_start > 0, distinct[(head_start - 1).clamp(min=0)], 0)
+            _plan_column_rank_kernel[(triton.cdiv(n_cols, _PLAN_BLOCK),)](
+                ck, within, distinct, before, col_keys, slot_of_key, keys, words,
+                n_cols, S, NTT, NKB, G, NQB, col_keys.shape[1], n_ranges * pieces,
+                BLOCK=_PLAN_BLOCK, TILE=TILE_N, num_warps=4)
+        sorted_keys, order = torch.sort(keys)
+        last = torch.empty(E, dtype=i64, device=dev)
+        ent_keys = torch.full((E,), _I64_MAX, dtype=i64, device=dev)
+        ent_head = torch.zeros(E, dtype=torch.int32, device=dev)
+        ent_qb = torch.zeros(E, dtype=torch.int32, device=dev)
+        ent_bits = torch.zeros((E, _MASK_WORDS), dtype=i64, device=dev)
+        if E:
+            grid = (triton.cdiv(E, _PLAN_BLOCK),)
+            _plan_last_kernel[grid](sorted_keys, last, E, BLOCK=_PLAN_BLOCK, num_warps=4)
+            _plan_merge_kernel[grid](sorted_keys, order, words, last, torch.cumsum(last, 0), ent_keys, ent_head,
+                                     ent_qb, ent_bits, E, NQB, G, BLOCK=_PLAN_BLOCK, MAX_RUN=_PLAN_MAX_RUN,
+                                     num_warps=4)
     bounds = torch.arange(BH * NTT + 1, device=dev, dtype=i64) * (G * NQB)
     tile_off = torch.searchsorted(ent_keys, bounds)
-    return dict(tile_off=tile_off, ent_head=ent_head, ent_qb=ent_qb, ent_bits=ent_bits.contiguous(),
+    return dict(tile_off=tile_off, ent_head=ent_head, ent_qb=ent_qb, ent_bits=ent_bits,
                 col_keys=col_keys, slot_of_key=slot_of_key, nkb=NKB, nct=NCT)
 
 
@@ -827,6 +955,31 @@ def launch_specs() -> list:
         constexprs=dict(stride_od=1, stride_dod=1, HAS_DLSE=False, HEAD_DIM=128, BLOCK_D=128, BLOCK_T=64),
         num_warps=4, num_stages=1, main=False, allow={},
     ))
+    i32 = dict.fromkeys(("T", "S", "H", "HKV", "GROUP", "NQB", "QBLOCK"), "i32")
+    plan_specs = [
+        ("ranges", _plan_ranges_kernel,
+         dict(bcount_ptr="*i32", boff_ptr="*i32", first_ptr="*i64", keys_ptr="*i64", words_ptr="*i64", **i32,
+              MB="i32", NTT="i32"),
+         dict(CAUSAL=True, RANGE_N=64, PIECES=2, CHUNK=_PLAN_CHUNK, TILE=TILE_N)),
+        ("columns", _plan_columns_kernel,
+         dict(ccount_ptr="*i32", cidx_ptr="*i32", first_ptr="*i64", ckey_ptr="*i64", within_ptr="*i32", **i32,
+              MC="i32"),
+         dict(CAUSAL=True, CHUNK=_PLAN_CHUNK)),
+        ("column_rank", _plan_column_rank_kernel,
+         dict(ck_ptr="*i64", within_ptr="*i32", distinct_ptr="*i64", before_ptr="*i64", col_keys_ptr="*i32",
+              slot_ptr="*i32", keys_ptr="*i64", words_ptr="*i64", C="i32", S="i32", NTT="i32", NKB="i32",
+              GROUP="i32", NQB="i32", COL_ROWS="i32", OUT0="i32"),
+         dict(BLOCK=_PLAN_BLOCK, TILE=TILE_N)),
+        ("run_ends", _plan_last_kernel, dict(skeys_ptr="*i64", last_ptr="*i64", E="i32"), dict(BLOCK=_PLAN_BLOCK)),
+        ("merge", _plan_merge_kernel,
+         dict(skeys_ptr="*i64", order_ptr="*i64", words_ptr="*i64", last_ptr="*i64", pos_ptr="*i64",
+              ent_keys_ptr="*i64", ent_head_ptr="*i32", ent_qb_ptr="*i32", ent_bits_ptr="*i64", E="i32", NQB="i32",
+              GROUP="i32"),
+         dict(BLOCK=_PLAN_BLOCK, MAX_RUN=_PLAN_MAX_RUN)),
+    ]
+    for name, kernel, types, constexprs in plan_specs:
+        specs.append(dict(name=f"bsa_bwd_plan[{name}]", kernel=kernel, types=types, constexprs=constexprs,
+                          num_warps=4, main=False, allow={}))
     for spec in specs:  # the benchmarks' prompt lengths (8K, 32K) are multiples of 16, as T, S
         spec["divisible"] = tuple(n for n in ("T", "S") if n in spec["types"])
     return specs
