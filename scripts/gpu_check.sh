@@ -20,8 +20,8 @@ mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
 STEP_TIMEOUT=${GPU_CHECK_TIMEOUT:-900}
-ALL_STEPS="build tests bench-topk bench-jumprelu bench-attention tune-attention bench-prefill profile-prefill bench-integrations \
-sanitizer-memcheck sanitizer-racecheck bench-decode regression kernel-report tune-topk tune-threshold"
+ALL_STEPS="build tests bench-attention tune-attention bench-topk bench-jumprelu bench-integrations bench-prefill \
+profile-prefill sanitizer-memcheck sanitizer-racecheck bench-decode regression kernel-report tune-topk tune-threshold"
 STEPS=${GPU_CHECK_STEPS:-$ALL_STEPS}
 failures=()
 step() {  # step NAME LOGFILE CMD...: run, log, remember failures, never stop early
