@@ -109,7 +109,9 @@ def test_integrations_dry_run():
     libraries, unpatched and accelerated, on the CPU at a tiny shape."""
     pytest.importorskip("sae_lens")
     pytest.importorskip("sparsify")
-    pytest.importorskip("dictionary_learning")
+    from helpers import import_dictionary_learning
+
+    import_dictionary_learning()  # and undo nnsight's process-wide torch patches, or later opchecks fail
     import bench_integrations
 
     results = bench_integrations.main(["--dry-run"])
