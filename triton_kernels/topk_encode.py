@@ -25,6 +25,7 @@ the fp32 pre-activation. With ``HAS_AUX`` the same tiles also feed a second list
 restricted to dead latents (AuxK).
 """
 
+import itertools
 from typing import Optional
 
 import torch
@@ -120,9 +121,9 @@ def _decode_keys(keys: torch.Tensor, k: int):
     return pre, latent.masked_fill(~valid, 0), valid
 
 
-def _tile_config(k_pad: int, elem_size: int, has_aux: bool = False):
-    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages) on a GPU. The running lists are
-    BLOCK_N x BLOCK_M int64 keys in registers."""
+def _tile_config(k_pad: int, elem_size: int, has_aux: bool = False, arch: int = 90):
+    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages) on a GPU of compute capability
+    ``arch`` (80, 90, ...). The running lists are BLOCK_N x BLOCK_M int64 keys in registers."""
     block_m = max(k_pad, 64)
     if elem_size <= 2:
         if block_m <= 64 and not has_aux:
@@ -130,7 +131,13 @@ def _tile_config(k_pad: int, elem_size: int, has_aux: bool = False):
             # 4 warps / 4 stages 45.3 ms against 68.5 ms for 8 warps / 3 stages (at the launch's
             # specialization the sm_90 build does not spill; sm_80 spills 440 B of the lists).
             return 64, 64, 64, 4, 4
-        return max(16, 64 * 64 // block_m), block_m, 64, 8, 3  # AuxK and k > 64: not yet timed
+        if not has_aux and arch >= 90:
+            # k > 64 (BatchTopK's 2k candidates): 64 rows keep wgmma's tile, and 8 warps hold
+            # the 64 x 128 lists without spilling at the launch's specialization (kernel
+            # report; the 32-row launch used before runs mma.sync; sm_80 spills ~1 KB at 64
+            # rows and keeps 32). Not yet timed.
+            return 64, block_m, 64, 8, 3
+        return max(16, 64 * 64 // block_m), block_m, 64, 8, 3  # AuxK: not yet timed
     return max(16, 32 * 64 // block_m), block_m, 32, 8, 3
 
 
@@ -142,7 +149,8 @@ def _config(n: int, m: int, k_pad: int, elem_size: int, interpreted: bool, has_a
     if interpreted:  # one small config: the interpreter runs programs one by one in numpy
         return dict(block_n=16, block_m=max(k_pad, 16), block_d=32, warps=4, stages=1, splits=1,
                     sort_above=_SORT_ABOVE)
-    block_n, block_m, block_d, warps, stages = _tile_config(k_pad, elem_size, has_aux)
+    major, minor = torch.cuda.get_device_capability(torch.cuda.current_device())
+    block_n, block_m, block_d, warps, stages = _tile_config(k_pad, elem_size, has_aux, 10 * major + minor)
     n_blocks = triton.cdiv(n, block_n)
     # Enough programs to fill the GPU, each with at least a few latent tiles.
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
@@ -203,26 +211,26 @@ def topk_encode(
 
 
 def launch_specs() -> list:
-    """Launch configurations for the static kernel report (see sparse_gather.launch_specs)."""
+    """Launch configurations for the static kernel report (see sparse_gather.launch_specs), one
+    per arch (the k > 64 launch differs between sm_80 and sm_90)."""
     specs = []
     for dt, elem in (("bf16", 2), ("fp32", 4)):
-        for k_pad in (64, 128):
-            for has_aux in (False, True):
-                block_n, block_m, block_d, warps, stages = _tile_config(k_pad, elem, has_aux)
-                specs.append(dict(
-                    name=f"topk_partial[{dt},k<={k_pad}{',aux' if has_aux else ''}]",
-                    kernel=_topk_partial_kernel,
-                    types=dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_enc_ptr=f"*{dt}", dead_ptr="*i8",
-                               part_ptr="*i64", aux_part_ptr="*i64", n_rows="i32", d="i32", m="i32",
-                               latents_per_split="i32", stride_xn="i64", stride_wm="i64"),
-                    constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, HAS_AUX=has_aux, K_PAD=k_pad,
-                                    BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, SORT_ABOVE=_SORT_ABOVE,
-                                    INPUT_PRECISION="ieee" if elem >= 4 else "tf32"),
-                    num_warps=warps, num_stages=stages, matmul=dt == "bf16",
-                    divisible=("n_rows", "d", "m", "latents_per_split"),  # N=16384, d=2304, M=131072
-                    main=dt == "bf16" and k_pad == 64 and not has_aux,
-                    allow=_untuned_allowances(dt, k_pad, has_aux),
-                ))
+        for k_pad, has_aux, arch in itertools.product((64, 128), (False, True), (80, 90)):
+            block_n, block_m, block_d, warps, stages = _tile_config(k_pad, elem, has_aux, arch)
+            specs.append(dict(
+                name=f"topk_partial[{dt},k<={k_pad}{',aux' if has_aux else ''}]",
+                kernel=_topk_partial_kernel,
+                types=dict(x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_enc_ptr=f"*{dt}", dead_ptr="*i8",
+                           part_ptr="*i64", aux_part_ptr="*i64", n_rows="i32", d="i32", m="i32",
+                           latents_per_split="i32", stride_xn="i64", stride_wm="i64"),
+                constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, HAS_AUX=has_aux, K_PAD=k_pad,
+                                BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, SORT_ABOVE=_SORT_ABOVE,
+                                INPUT_PRECISION="ieee" if elem >= 4 else "tf32"),
+                num_warps=warps, num_stages=stages, matmul=dt == "bf16", archs=(arch,),
+                divisible=("n_rows", "d", "m", "latents_per_split"),  # N=16384, d=2304, M=131072
+                main=dt == "bf16" and k_pad == 64 and not has_aux,
+                allow=_untuned_allowances(dt, k_pad, has_aux),
+            ))
     return specs
 
 
@@ -242,7 +250,8 @@ def _untuned_allowances(dt: str, k_pad: int, has_aux: bool) -> dict:
         allow["spills"] = ("ptxas holds these 8-warp fp32 builds to 128 registers and spills up to 120 B "
                            "(k<=64 with AuxK, k<=128; both arches); fp32 is the precision path (IEEE dot), "
                            "not the throughput path, and is not tuned")
-    if dt == "bf16" and k_pad > 64:
-        allow["no_wgmma"] = ("BLOCK_N=32 keeps the 128-wide lists in registers but is below wgmma's "
-                             "64-row tile, so sm_90 uses mma.sync; to be tuned on a GPU")
+    if dt == "bf16" and k_pad > 64 and has_aux:
+        allow["no_wgmma"] = ("BLOCK_N=32 keeps the two 128-wide lists (AuxK) in registers but is below "
+                             "wgmma's 64-row tile, so sm_90 uses mma.sync (64 rows spill ~1.9 KB); to be "
+                             "tuned on a GPU")
     return allow
