@@ -5,7 +5,8 @@
 
 Same problem as ``bench_block_sparse_attention.py`` (B = 1, 32 query / 8 KV heads, bf16,
 causal, a vertical-slash index at the target density). For each kernel, each candidate
-(num_warps, num_stages[, dK/dV query rows per step]) is timed with the other kernels at their
+(num_warps, num_stages, and key tiles per softmax step for the forward and dQ, or query rows
+per step for dK/dV) is timed with the other kernels at their
 defaults: ``fwd`` times the forward alone; ``dq`` and ``dkdv`` time the whole backward (the
 tile plan is built once, outside the timing, and passed in; the two kernels are separate
 launches, so a row's difference from the default row is that kernel's). Every candidate's
@@ -14,7 +15,8 @@ deterministic, so a correct config gives the same numbers up to its accumulation
 
 Why: the defaults (``_fwd_config`` / ``_dkdv_config``) were read off the static kernel report
 (registers, spills, blocks per SM at the launch's specialization), not timed. Candidates run
-nearest-to-default first, so a sweep cut short by its budget has tried the likeliest wins.
+default first, then (sm_90) two key tiles per step at its spill-free launch, then
+nearest-to-default, so a sweep cut short by its budget has tried the likeliest wins.
 ``--list`` prints the candidates without a GPU; ``--dry-run`` runs the first candidates of each
 kernel once on the CPU (Triton's interpreter, TRITON_INTERPRET=1) at a small T, untimed, to
 check the script itself.
@@ -38,19 +40,23 @@ KERNELS = ("fwd", "dq", "dkdv")
 
 def candidates(kernel: str, head_dim: int = 128, arch: int = 90) -> list[dict]:
     """Launch candidates of one kernel, the default first, then by how many fields differ."""
-    from sae_fast.triton_kernels.block_sparse_attention import _dkdv_config, _fwd_config
+    from sae_fast.triton_kernels.block_sparse_attention import _dkdv_config, _fwd_config, _two_tiles_config
 
+    first = []
     if kernel == "dkdv":
         grid = dict(num_warps=[4, 8], num_stages=[1, 2, 3], block_m=[32, 64])
         default = _dkdv_config(head_dim, arch)
     else:
-        grid = dict(num_warps=[4, 8], num_stages=[1, 2, 3, 4])
+        grid = dict(num_warps=[4, 8], num_stages=[1, 2, 3, 4], tiles_per_step=[1, 2])
         default = _fwd_config(64, head_dim, arch, kernel=kernel)
+        if arch >= 90:  # two key tiles per step at the launch that builds without spills
+            first = [_two_tiles_config(head_dim, kernel)]
     out = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
     if default not in out:
         out.append(default)
-    out.sort(key=lambda c: (sum(c[key] != default[key] for key in default), sorted(c.items())))
-    return out
+    out.sort(key=lambda c: (c not in first, sum(c[key] != default[key] for key in default), sorted(c.items())))
+    out.remove(default)
+    return [default] + out
 
 
 def _problem(T: int, density: float, head_dim: int, dev: str = "cuda"):

@@ -78,15 +78,21 @@ def test_threshold_sweep_starts_at_the_default():
 @pytest.mark.parametrize("arch", [80, 90])
 def test_attention_sweep_starts_at_the_default(kernel, arch):
     import tune_block_sparse_attention as tune
-    from sae_fast.triton_kernels.block_sparse_attention import _dkdv_config, _fwd_config
+    from sae_fast.triton_kernels.block_sparse_attention import _dkdv_config, _fwd_config, _two_tiles_config
 
     configs = tune.candidates(kernel, 128, arch)
     default = _dkdv_config(128, arch) if kernel == "dkdv" else _fwd_config(64, 128, arch, kernel=kernel)
     assert configs[0] == default
+    rest = configs[1:]
+    if kernel != "dkdv" and arch >= 90:  # then the two-tiles-per-step launch
+        assert rest[0] == _two_tiles_config(128, kernel) and rest[0]["tiles_per_step"] == 2
+        rest = rest[1:]
     keys = [tuple(sorted(c.items())) for c in configs]
     assert len(keys) == len(set(keys))
-    distance = [sum(c[key] != default[key] for key in default) for c in configs]
+    distance = [sum(c[key] != default[key] for key in default) for c in rest]
     assert distance == sorted(distance)
+    if kernel != "dkdv":
+        assert {c["tiles_per_step"] for c in configs} == {1, 2}
 
 
 def test_attention_sweep_dry_run(capsys):

@@ -361,6 +361,43 @@ def test_head_dim_not_a_power_of_two(backend, device):
         assert rel_err(a, e) < 1e-5
 
 
+TRITON_DEVICES = [pytest.param("cpu", id="interp", marks=pytest.mark.skipif(not INTERP, reason="needs TRITON_INTERPRET=1")),
+                  pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_two_key_tiles_per_step(device, causal):
+    """The forward and dQ launches with ``tiles_per_step=2`` (two ranges side by side in one
+    step, 2·block_n columns per step): odd range counts (the last step half empty), ranges
+    crossing the diagonal or leaving [0, S), more columns than one step holds, empty blocks,
+    garbage past the counts; fp32 against the fp64 reference."""
+    from sae_fast.triton_kernels import block_sparse_attention as bsa
+
+    B, Hq, Hkv, T, S, D, bm, bn = 2, 4, 2, 75, 90, 16, 16, 16
+    idx = make_index(B, Hq, T, S, block_m=bm, block_n=bn, max_blocks=5, max_cols=40, seed=7, causal=causal,
+                     empty={(0, 1, 2), (1, 3, 0)})
+    counts = idx[0].flatten()
+    assert (counts % 2 == 1).any() and (counts >= 2).any() and (idx[2] > 2 * bn).any()
+    idx = [t.to(device) for t in idx]
+    q, k, v = (t.detach() for t in qkv(B, Hq, Hkv, T, S, D, device=device))
+    leaves, want, want_lse = _ref64(q, k, v, idx, causal=causal, block_m=bm, block_n=bn)
+    g = torch.randn(want.shape, dtype=torch.float64, device=device)
+    want_grads = torch.autograd.grad(want, leaves, g)
+    two = dict(num_warps=4, num_stages=2, tiles_per_step=2)
+    out, lse = bsa.block_sparse_attention(q, k, v, *idx, causal=causal, block_m=bm, block_n=bn, config=two)
+    assert rel_err(out, want) < 2e-6
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and not finite.all()
+    assert rel_err(lse[finite], want_lse[finite]) < 2e-6
+    grads = bsa.block_sparse_attention_backward(g.float(), None, q, k, v, out, lse, *idx, causal=causal,
+                                                block_m=bm, block_n=bn, configs={"dq": two})
+    for a, e, name in zip(grads, want_grads, "qkv"):
+        assert rel_err(a, e) < 1e-5, name
+    with pytest.raises(ValueError, match="tiles_per_step"):
+        bsa.block_sparse_attention(q, k, v, *idx, block_m=bm, block_n=bn, config=dict(two, tiles_per_step=3))
+
+
 # ----------------------------------------------------------------------- opcheck and compile
 
 

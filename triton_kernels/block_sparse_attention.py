@@ -94,13 +94,21 @@ def _row_limits(offs_m, qb, T, S, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _range_keys(boff_row, i, offs_nn, lim_lo, S, BLOCK_N: tl.constexpr):
-    """Keys of range i, [start, start + BLOCK_N): which exist, and whether the tile needs the
-    per-element mask (it crosses the diagonal or an end of the keys)."""
+def _range_keys(boff_row, i, n_blocks, offs_nn, lim_lo, S, BLOCK_N: tl.constexpr, STEP: tl.constexpr):
+    """Keys of ranges i .. i + STEP - 1, each [start, start + BLOCK_N), side by side in one tile
+    of STEP·BLOCK_N keys: which exist, and whether the tile needs the per-element mask (a range
+    crosses the diagonal or an end of the keys, or the last step has fewer than STEP ranges)."""
     start = tl.minimum(tl.maximum(tl.load(boff_row + i), -BLOCK_N), S).to(tl.int32)
-    keys = start + offs_nn
-    kv_ok = (keys >= 0) & (keys < S)
     masked = (start < 0) | (start + (BLOCK_N - 1) > lim_lo)
+    if STEP == 1:
+        keys = start + offs_nn
+    else:  # STEP == 2
+        has_2nd = i + 1 < n_blocks
+        start2 = tl.load(boff_row + i + 1, mask=has_2nd, other=S)  # absent: all its keys >= S
+        start2 = tl.minimum(tl.maximum(start2, -BLOCK_N), S).to(tl.int32)
+        masked = masked | (start2 < 0) | (start2 + (BLOCK_N - 1) > lim_lo)
+        keys = tl.where(offs_nn < BLOCK_N, start + offs_nn, start2 + (offs_nn - BLOCK_N))
+    kv_ok = (keys >= 0) & (keys < S)
     return keys, kv_ok, masked
 
 
@@ -164,7 +172,8 @@ def _fwd_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_oh, stride_ot,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STEP: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     qb = NQB - 1 - tl.program_id(0)  # late query blocks (most keys under causal) first
     bh = tl.program_id(1).to(tl.int64)
@@ -175,7 +184,7 @@ def _fwd_kernel(
 
     offs_mm = tl.arange(0, BLOCK_M)
     offs_m = qb * BLOCK_M + offs_mm
-    offs_nn = tl.arange(0, BLOCK_N)
+    offs_nn = tl.arange(0, STEP * BLOCK_N)  # one step's keys: STEP ranges, or STEP·BLOCK_N columns
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
     row_ok = offs_m < T
@@ -196,12 +205,12 @@ def _fwd_kernel(
     n_blocks = tl.minimum(tl.maximum(tl.load(bcount_ptr + idx), 0), MAX_BLOCKS)
     n_cols = tl.minimum(tl.maximum(tl.load(ccount_ptr + idx), 0), MAX_COLS)
     boff_row = boff_ptr + idx * MAX_BLOCKS
-    for i in range(0, n_blocks):
-        keys, kv_ok, masked = _range_keys(boff_row, i, offs_nn, lim_lo, S, BLOCK_N)
+    for i in range(0, n_blocks, STEP):
+        keys, kv_ok, masked = _range_keys(boff_row, i, n_blocks, offs_nn, lim_lo, S, BLOCK_N, STEP)
         k, v = _load_kv(k_base, v_base, keys, kv_ok, stride_ks, stride_kd, stride_vs, stride_vd, offs_d, d_ok, UPCAST)
         m_i, l_i, acc = _fwd_step(q, k, v, keys, kv_ok, masked, lim, m_i, l_i, acc, qk_scale, v_ptr, PRECISION)
     cidx_row = cidx_ptr + idx * MAX_COLS
-    for c0 in range(0, n_cols, BLOCK_N):
+    for c0 in range(0, n_cols, STEP * BLOCK_N):
         keys, kv_ok = _column_keys(cidx_row, c0, n_cols, offs_nn, S)
         k, v = _load_kv(k_base, v_base, keys, kv_ok, stride_ks, stride_kd, stride_vs, stride_vd, offs_d, d_ok, UPCAST)
         m_i, l_i, acc = _fwd_step(q, k, v, keys, kv_ok, True, lim, m_i, l_i, acc, qk_scale, v_ptr, PRECISION)
@@ -258,7 +267,8 @@ def _bwd_dq_kernel(
     stride_dob, stride_doh, stride_dot, stride_dod,
     stride_dqb, stride_dqh, stride_dqt,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STEP: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dQ of one (b, h, qb): the forward's walk, P from the saved lse, dS = P ∘ (dP - delta)."""
     qb = NQB - 1 - tl.program_id(0)
@@ -270,7 +280,7 @@ def _bwd_dq_kernel(
 
     offs_mm = tl.arange(0, BLOCK_M)
     offs_m = qb * BLOCK_M + offs_mm
-    offs_nn = tl.arange(0, BLOCK_N)
+    offs_nn = tl.arange(0, STEP * BLOCK_N)  # one step's keys: STEP ranges, or STEP·BLOCK_N columns
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
     row_ok = offs_m < T
@@ -293,12 +303,12 @@ def _bwd_dq_kernel(
     n_blocks = tl.minimum(tl.maximum(tl.load(bcount_ptr + idx), 0), MAX_BLOCKS)
     n_cols = tl.minimum(tl.maximum(tl.load(ccount_ptr + idx), 0), MAX_COLS)
     boff_row = boff_ptr + idx * MAX_BLOCKS
-    for i in range(0, n_blocks):
-        keys, kv_ok, masked = _range_keys(boff_row, i, offs_nn, lim_lo, S, BLOCK_N)
+    for i in range(0, n_blocks, STEP):
+        keys, kv_ok, masked = _range_keys(boff_row, i, n_blocks, offs_nn, lim_lo, S, BLOCK_N, STEP)
         k, v = _load_kv(k_base, v_base, keys, kv_ok, stride_ks, stride_kd, stride_vs, stride_vd, offs_d, d_ok, UPCAST)
         dq = _dq_step(q, do, k, v, keys, kv_ok, masked, lim, lse2, delta, dq, qk_scale, k_ptr, PRECISION)
     cidx_row = cidx_ptr + idx * MAX_COLS
-    for c0 in range(0, n_cols, BLOCK_N):
+    for c0 in range(0, n_cols, STEP * BLOCK_N):
         keys, kv_ok = _column_keys(cidx_row, c0, n_cols, offs_nn, S)
         k, v = _load_kv(k_base, v_base, keys, kv_ok, stride_ks, stride_kd, stride_vs, stride_vd, offs_d, d_ok, UPCAST)
         dq = _dq_step(q, do, k, v, keys, kv_ok, True, lim, lse2, delta, dq, qk_scale, k_ptr, PRECISION)
@@ -464,14 +474,39 @@ def _fwd_config(block_m: int, head_dim: int, arch: int = 90, kernel: str = "fwd"
       every row reduction) and fit one block per SM.
     * sm_80 (mma.sync): 8 warps at head dim 128 (4 spill a few bytes), 4 at 64 for the forward.
     * 128-row query blocks: 8 warps (two warpgroups of 64 rows).
+    * ``tiles_per_step``: key tiles of ``block_n`` keys per online-softmax step (1 or 2). Two
+      make each step's GEMMs [64, 128] and halve the per-step work that does not scale with
+      the keys (the rescale of the [64, D] accumulator, the row max and sum, the loop's
+      barriers); the sm_90 build at head dim 128 fits it without spilling (kernel report). 1
+      until timed against 2.
     Timings to confirm on a GPU: ``benchmarks/tune_block_sparse_attention.py``."""
     if block_m >= 128:
-        return dict(num_warps=8, num_stages=3 if head_dim <= 64 else 2)
+        return dict(num_warps=8, num_stages=3 if head_dim <= 64 else 2, tiles_per_step=1)
     if arch >= 90:
-        return dict(num_warps=4, num_stages=3 if kernel == "fwd" and head_dim <= 64 else 2)
+        return dict(num_warps=4, num_stages=3 if kernel == "fwd" and head_dim <= 64 else 2, tiles_per_step=1)
     if kernel == "fwd":
-        return dict(num_warps=4, num_stages=3) if head_dim <= 64 else dict(num_warps=8, num_stages=3)
-    return dict(num_warps=8, num_stages=2)
+        return dict(num_warps=4, num_stages=3, tiles_per_step=1) if head_dim <= 64 else \
+            dict(num_warps=8, num_stages=3, tiles_per_step=1)
+    return dict(num_warps=8, num_stages=2, tiles_per_step=1)
+
+
+def _two_tiles_config(head_dim: int, kernel: str = "fwd") -> dict:
+    """sm_90 launch of the ``tiles_per_step=2`` candidate that keeps its build free of spills
+    (kernel report; one warpgroup spills 0.2-0.6 KB at head dim 128, and 24 B in dQ at 64): the
+    [64, 128] score tile, the accumulator and P need two warpgroups, except the head-dim-64
+    forward."""
+    if head_dim <= 64 and kernel == "fwd":
+        return dict(num_warps=4, num_stages=2, tiles_per_step=2)
+    return dict(num_warps=8, num_stages=2, tiles_per_step=2)
+
+
+def _launch_config(cfg: dict) -> tuple[int, dict]:
+    """(tiles_per_step, the rest as launch keywords) of a forward / dQ config."""
+    cfg = dict(cfg)
+    step = int(cfg.pop("tiles_per_step", 1))
+    if step not in (1, 2):
+        raise ValueError(f"tiles_per_step must be 1 or 2, got {step}")
+    return step, cfg
 
 
 def _dkdv_config(head_dim: int, arch: int = 90) -> dict:
@@ -516,7 +551,7 @@ def block_sparse_attention(q, k, v, block_count, block_offset, column_count, col
                            causal=True, scale=None, block_m=64, block_n=64, config: Optional[dict] = None):
     """(out [B, Hq, T, D] contiguous in q's dtype, lse [B, Hq, T] fp32). Index tensors
     contiguous, int32 or int64; shapes already checked by the op. ``config`` (num_warps,
-    num_stages) overrides the launch (benchmarks/tune_block_sparse_attention.py)."""
+    num_stages, tiles_per_step) overrides the launch (benchmarks/tune_block_sparse_attention.py)."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
@@ -525,14 +560,14 @@ def block_sparse_attention(q, k, v, block_count, block_offset, column_count, col
     if B * H * T == 0:
         return _finish(out, q.dtype), lse
     nqb = triton.cdiv(T, block_m)
-    cfg = dict(config) if config else _fwd_config(block_m, D, _arch(q))
+    step, cfg = _launch_config(config or _fwd_config(block_m, D, _arch(q)))
     with _device_ctx(q):
         _fwd_kernel[(nqb, B * H)](
             q, k, v, out, lse,
             block_count, _dummy(block_offset, block_count), column_count, _dummy(column_index, column_count),
             T, S, H, H // Hkv, nqb, block_offset.shape[-1], column_index.shape[-1], scale * LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
-            CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, BLOCK_N=block_n,
+            CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, BLOCK_N=block_n, STEP=step,
             UPCAST=_upcast(q.dtype), PRECISION=_precision(q.dtype), **cfg,
         )
     return _finish(out, q.dtype), lse
@@ -808,7 +843,7 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse,
     """(dq, dk, dv), contiguous, in the inputs' dtypes. Extra memory: delta [B, Hq, T] fp32, the
     tile plan (O(index entries)), and with columns four fp32 buffers of min(S, G·NQB·MAX_COLS)
     rows × D per kv head; ``deterministic=False`` adds an fp32 dQ buffer. ``configs`` may
-    override the launches: ``{"dq": {num_warps, num_stages}, "dkdv": {num_warps, num_stages,
+    override the launches: ``{"dq": {num_warps, num_stages, tiles_per_step}, "dkdv": {num_warps, num_stages,
     block_m}}`` (benchmarks/tune_block_sparse_attention.py). ``plan``: a ``build_backward_plan``
     result for this index, to time the kernels without it."""
     B, H, T, D = q.shape
@@ -837,14 +872,14 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse,
     configs = configs or {}
     arch = _arch(q)
     if deterministic:
-        cfg = dict(configs.get("dq") or _fwd_config(block_m, D, arch, kernel="dq"))
+        step, cfg = _launch_config(configs.get("dq") or _fwd_config(block_m, D, arch, kernel="dq"))
         with _device_ctx(q):
             _bwd_dq_kernel[(nqb, B * H)](
                 q, k, v, grad_out, lse, delta, dq,
                 block_count, _dummy(block_offset, block_count), column_count, _dummy(column_index, column_count),
                 T, S, H, G, nqb, block_offset.shape[-1], column_index.shape[-1], scale * LOG2E, scale,
                 *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride()[:3],
-                CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=block_m, BLOCK_N=block_n,
+                CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=block_m, BLOCK_N=block_n, STEP=step,
                 UPCAST=upcast, PRECISION=precision, **cfg,
             )
         dq_acc = delta  # unused pointer
@@ -909,25 +944,30 @@ def launch_specs() -> list:
     for arch, d in ((80, 64), (80, 128), (90, 64), (90, 128)):  # the launch configs differ per arch
         cfg = _fwd_config(64, d, arch)
         qcfg = _fwd_config(64, d, arch, kernel="dq")
-        specs.append(dict(
-            name=f"bsa_fwd[bf16,d={d}]", kernel=_fwd_kernel,
-            types=dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", lse_ptr="*fp32", **idx, **dims,
-                       **strides, stride_ob="i64", stride_oh="i64", stride_ot="i32"),
-            constexprs=dict(stride_qd=1, stride_kd=1, stride_vd=1, CAUSAL=True, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=64,
-                            BLOCK_N=64, UPCAST=False, PRECISION="tf32"),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], matmul=True, main=d == 128, archs=(arch,),
-            allow={},
-        ))
-        specs.append(dict(
-            name=f"bsa_bwd_dq[bf16,d={d}]", kernel=_bwd_dq_kernel,
-            types=dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", do_ptr="*bf16", lse_ptr="*fp32",
-                       delta_ptr="*fp32", dq_ptr="*bf16", **idx, **dims, sm_scale="fp32", **strides,
-                       stride_dqb="i64", stride_dqh="i64", stride_dqt="i32"),
-            constexprs=dict(**unit, CAUSAL=True, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=64, BLOCK_N=64, UPCAST=False,
-                            PRECISION="tf32"),
-            num_warps=qcfg["num_warps"], num_stages=qcfg["num_stages"], matmul=True, main=False, archs=(arch,),
-            allow={},
-        ))
+        # the default launch, and on sm_90 the two-tiles-per-step candidate of the tuning sweep
+        for step in (1, 2) if arch >= 90 else (1,):
+            tag = "" if step == cfg["tiles_per_step"] else f",{step} tiles/step"
+            if tag:
+                cfg, qcfg = _two_tiles_config(d, "fwd"), _two_tiles_config(d, "dq")
+            specs.append(dict(
+                name=f"bsa_fwd[bf16,d={d}{tag}]", kernel=_fwd_kernel,
+                types=dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", out_ptr="*bf16", lse_ptr="*fp32", **idx,
+                           **dims, **strides, stride_ob="i64", stride_oh="i64", stride_ot="i32"),
+                constexprs=dict(stride_qd=1, stride_kd=1, stride_vd=1, CAUSAL=True, HEAD_DIM=d, BLOCK_D=d,
+                                BLOCK_M=64, BLOCK_N=64, STEP=step, UPCAST=False, PRECISION="tf32"),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], matmul=True,
+                main=d == 128 and not tag, archs=(arch,), allow={},
+            ))
+            specs.append(dict(
+                name=f"bsa_bwd_dq[bf16,d={d}{tag}]", kernel=_bwd_dq_kernel,
+                types=dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", do_ptr="*bf16", lse_ptr="*fp32",
+                           delta_ptr="*fp32", dq_ptr="*bf16", **idx, **dims, sm_scale="fp32", **strides,
+                           stride_dqb="i64", stride_dqh="i64", stride_dqt="i32"),
+                constexprs=dict(**unit, CAUSAL=True, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=64, BLOCK_N=64, STEP=step,
+                                UPCAST=False, PRECISION="tf32"),
+                num_warps=qcfg["num_warps"], num_stages=qcfg["num_stages"], matmul=True, main=False,
+                archs=(arch,), allow={},
+            ))
         kcfg = _dkdv_config(d, arch)
         for is_col in (False, True):
             specs.append(dict(
