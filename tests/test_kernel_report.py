@@ -90,3 +90,13 @@ def test_cli_kernel_report(capsys):
 def test_source_allowances():
     text = "// kernel-report: allow spills in my_kernel: measured faster this way\n__global__ void my_kernel() {}\n"
     assert kernel_report._source_allowances(text) == {"my_kernel": {"spills": "measured faster this way"}}
+
+
+def test_shared_memory_limit_is_the_build_arch():
+    """164 KiB fits an H100 block (227 KiB) but not an A100 one (163 KiB)."""
+    judged = {}
+    for arch in (80, 90):
+        h = kernel_report.KernelHealth(name="k", arch=arch, source="triton", smem_bytes=164 * 1024)
+        kernel_report._judge(h)
+        judged[arch] = h.problems
+    assert judged == {80: ["smem_over_block_limit"], 90: []}
