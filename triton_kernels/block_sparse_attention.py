@@ -477,8 +477,8 @@ def _fwd_config(block_m: int, head_dim: int, arch: int = 90, kernel: str = "fwd"
     * ``tiles_per_step``: key tiles of ``block_n`` keys per online-softmax step (1 or 2). Two
       make each step's GEMMs [64, 128] and halve the per-step work that does not scale with
       the keys (the rescale of the [64, D] accumulator, the row max and sum, the loop's
-      barriers); the sm_90 build at head dim 128 fits it without spilling (kernel report). 1
-      until timed against 2.
+      barriers); at head dim 128 it builds without spilling on sm_90 only with 8 warps
+      (``_two_tiles_config``; kernel report). 1 until timed against 2.
     Timings to confirm on a GPU: ``benchmarks/tune_block_sparse_attention.py``."""
     if block_m >= 128:
         return dict(num_warps=8, num_stages=3 if head_dim <= 64 else 2, tiles_per_step=1)
