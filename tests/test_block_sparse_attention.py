@@ -398,6 +398,31 @@ def test_two_key_tiles_per_step(device, causal):
         bsa.block_sparse_attention(q, k, v, *idx, block_m=bm, block_n=bn, config=dict(two, tiles_per_step=3))
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_dkdv_walks_query_blocks_in_row_slices(device, deterministic):
+    """The dK/dV launch that takes each entry's query block in slices of fewer rows (the
+    sm_90 head-dim-128 config: 32 of 64), here 16 of 32 (and 4 of 64, the last block's
+    slices partly or wholly past T): every slice of every entry must be visited once. fp32
+    against the fp64 reference; the non-deterministic launch also adds dQ per slice."""
+    from sae_fast.triton_kernels import block_sparse_attention as bsa
+
+    for T, bm in ((75, 32), (70, 64)):
+        B, Hq, Hkv, S, D, bn = 1, 4, 2, 90, 16, 16
+        idx = make_index(B, Hq, T, S, block_m=bm, block_n=bn, max_blocks=4, max_cols=20, seed=11)
+        idx = [t.to(device) for t in idx]
+        q, k, v = (t.detach() for t in qkv(B, Hq, Hkv, T, S, D, device=device, seed=3))
+        leaves, want, want_lse = _ref64(q, k, v, idx, block_m=bm, block_n=bn)
+        g = torch.randn(want.shape, dtype=torch.float64, device=device)
+        want_grads = torch.autograd.grad(want, leaves, g)
+        out, lse = bsa.block_sparse_attention(q, k, v, *idx, block_m=bm, block_n=bn)
+        grads = bsa.block_sparse_attention_backward(
+            g.float(), None, q, k, v, out, lse, *idx, block_m=bm, block_n=bn, deterministic=deterministic,
+            configs={"dkdv": dict(num_warps=4, num_stages=2, block_m=16)})
+        for a, e, name in zip(grads, want_grads, "qkv"):
+            assert rel_err(a, e) < 1e-5, (T, bm, name)
+
+
 # ----------------------------------------------------------------------- opcheck and compile
 
 

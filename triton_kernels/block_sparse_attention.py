@@ -373,7 +373,11 @@ def _bwd_dkdv_kernel(
     bit_of = (offs_n % 32).to(tl.int64)
     causal_lim = keys - (S - T)  # key j is seen by rows i >= j - (S - T)
 
-    for e in range(e0, e1):
+    # One flat loop over (entry, BLOCK_M-row slice of its query block): Triton pipelines only
+    # innermost loops, and a nested walk re-primed and drained the Q/dO prefetch per entry.
+    SUB: tl.constexpr = QBLOCK // BLOCK_M
+    for it in range(e0 * SUB, e1 * SUB):
+        e = it // SUB
         h = kvh * GROUP + tl.load(ent_head_ptr + e)
         qb = tl.load(ent_qb_ptr + e)
         words = tl.load(ent_bits_ptr + e * WORDS + word_of)
@@ -381,31 +385,30 @@ def _bwd_dkdv_kernel(
         bh = b * H + h
         q_base = q_ptr + b * stride_qb + h * stride_qh
         do_base = do_ptr + b * stride_dob + h * stride_doh
-        for m0 in range(0, QBLOCK, BLOCK_M):
-            rows = qb * QBLOCK + m0 + offs_mm
-            r_ok = rows < T
-            row_off = rows.to(tl.int64)[:, None]
-            q = tl.load(q_base + row_off * stride_qt + offs_d[None, :] * stride_qd, mask=r_ok[:, None] & d_ok, other=0.0)
-            do = tl.load(do_base + row_off * stride_dot + offs_d[None, :] * stride_dod, mask=r_ok[:, None] & d_ok,
-                         other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse2 = tl.load(lse_ptr + bh * T + rows, mask=r_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(delta_ptr + bh * T + rows, mask=r_ok, other=0.0)
-            mask = kmask[:, None] & r_ok[None, :]
-            if CAUSAL:
-                mask = mask & (rows[None, :] >= causal_lim[:, None])
-            qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [keys, rows]
-            pT = tl.where(mask, tl.exp2(qkT * qk_scale - lse2[None, :]), 0.0)
-            dv += tl.dot(pT.to(do_ptr.dtype.element_ty).to(do.dtype), do, input_precision=PRECISION)
-            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(q_ptr.dtype.element_ty).to(q.dtype), q, input_precision=PRECISION)
-            if ATOMIC_DQ:
-                dq = tl.dot(tl.trans(dsT.to(k_ptr.dtype.element_ty).to(k.dtype)), k, input_precision=PRECISION)
-                tl.atomic_add(dq_acc_ptr + (bh * T + row_off) * HEAD_DIM + offs_d[None, :], dq * sm_scale,
-                              mask=r_ok[:, None] & d_ok)
+        rows = qb * QBLOCK + (it % SUB) * BLOCK_M + offs_mm
+        r_ok = rows < T
+        row_off = rows.to(tl.int64)[:, None]
+        q = tl.load(q_base + row_off * stride_qt + offs_d[None, :] * stride_qd, mask=r_ok[:, None] & d_ok, other=0.0)
+        do = tl.load(do_base + row_off * stride_dot + offs_d[None, :] * stride_dod, mask=r_ok[:, None] & d_ok,
+                     other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse2 = tl.load(lse_ptr + bh * T + rows, mask=r_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptr + bh * T + rows, mask=r_ok, other=0.0)
+        mask = kmask[:, None] & r_ok[None, :]
+        if CAUSAL:
+            mask = mask & (rows[None, :] >= causal_lim[:, None])
+        qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # [keys, rows]
+        pT = tl.where(mask, tl.exp2(qkT * qk_scale - lse2[None, :]), 0.0)
+        dv += tl.dot(pT.to(do_ptr.dtype.element_ty).to(do.dtype), do, input_precision=PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q_ptr.dtype.element_ty).to(q.dtype), q, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dsT.to(k_ptr.dtype.element_ty).to(k.dtype)), k, input_precision=PRECISION)
+            tl.atomic_add(dq_acc_ptr + (bh * T + row_off) * HEAD_DIM + offs_d[None, :], dq * sm_scale,
+                          mask=r_ok[:, None] & d_ok)
 
     if IS_COL:  # unscaled partials, summed with the range partials by _bwd_cols_finalize_kernel
         ptrs = (bkv * COL_ROWS + tile * BLOCK_N + offs_n).to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
