@@ -19,7 +19,10 @@ Providers:
 * ``sdpa_flash``: dense causal SDPA on the FlashAttention backend (GQA native).
 
 Modes: ``fwd``; ``bwd`` (forward once untimed, then ``out.backward`` with fresh gradients);
-``plan`` (sae_fast only: the device-side tile lists the backward builds, included in bwd).
+``plan`` (sae_fast only: the device-side tile lists the backward builds, included in bwd);
+``fwd_ranges`` / ``fwd_columns`` (sae_fast only, with ``fwd``: the forward over the index's
+key ranges alone / its gathered columns alone, each with its own useful FLOPs, to tell which
+half of the walk holds the forward below its target).
 The index conversion is timed separately as ``index`` rows.
 
 Columns beyond the harness's: ``density`` (useful entries / causal entries), ``useful
@@ -162,6 +165,17 @@ def useful_entries(bc, bo, cc, ci, T: int, block: int = BLOCK) -> int:
     return total
 
 
+def split_index(index, part: str):
+    """The index with only its key ranges (``part="ranges"``) or only its gathered columns
+    (``"columns"``) listed: the other half's counts set to zero."""
+    bc, bo, cc, ci = index
+    if part == "ranges":
+        return bc, bo, torch.zeros_like(cc), ci
+    if part == "columns":
+        return torch.zeros_like(bc), bo, cc, ci
+    raise ValueError(f"unknown index part {part!r}")
+
+
 def flex_block_mask(bc, bo, cc, ci, T: int):
     """A FlexAttention BlockMask (128×128 blocks) covering every key the index lists."""
     from torch.nn.attention.flex_attention import BlockMask
@@ -291,7 +305,11 @@ def main(argv=None):
             fn = provider_fn(name, index, flex_mask)
             work = causal_entries if name == "sdpa_flash" else entries
             row_extra = dict(extra, flex_density=flex_density) if name == "flex" else dict(extra)
-            for mode in modes + (["plan"] if name == "sae_fast" and "bwd" in modes else []):
+            extra_modes = []
+            if name == "sae_fast":
+                extra_modes += ["fwd_ranges", "fwd_columns"] if "fwd" in modes else []
+                extra_modes += ["plan"] if "bwd" in modes else []
+            for mode in modes + extra_modes:
                 try:
                     ok = None
                     if mode == "fwd":
@@ -305,6 +323,11 @@ def main(argv=None):
                         grad = torch.randn_like(out)
                         timing = harness.bench(lambda: out.backward(grad, retain_graph=True), grad_to_none=[q, k, v])
                         flops = 10 * D * work
+                    elif mode in ("fwd_ranges", "fwd_columns"):
+                        part = split_index(index, mode.removeprefix("fwd_"))
+                        part_fn = provider_fn(name, part, None)
+                        timing = harness.bench(lambda: part_fn(q, k, v))
+                        flops = 4 * D * useful_entries(*part, T)
                     else:  # the backward's tile lists alone
                         from sae_fast.triton_kernels.block_sparse_attention import build_backward_plan
 

@@ -122,3 +122,24 @@ def test_integrations_dry_run():
 
     results = bench_integrations.main(["--dry-run"])
     assert [lib for lib, _ in results] == ["saelens", "sparsify", "dictionary_learning"]
+
+
+def test_attention_bench_counts_each_index_half():
+    """The attention bench's useful-FLOP counts (whole index, ranges alone, columns alone)
+    against the expanded mask: the halves are disjoint and add up to the whole."""
+    import bench_block_sparse_attention as bench
+    from sae_fast.reference.attention import expand_block_sparse_mask
+
+    T = 1000
+    vert, slash = bench.vertical_slash_pattern(2, T, 0.1, device="cpu", seed=4)
+    index = bench.local_vertical_slash_index(vert, slash, T)
+    counts = {}
+    for part in ("ranges", "columns", None):
+        idx = bench.split_index(index, part) if part else index
+        want = int(expand_block_sparse_mask(*idx, T, T).sum())
+        assert bench.useful_entries(*idx, T) == want, part
+        counts[part] = want
+    assert counts["ranges"] > 0 and counts["columns"] > 0
+    assert counts["ranges"] + counts["columns"] == counts[None]
+    with pytest.raises(ValueError, match="part"):
+        bench.split_index(index, "diagonals")
