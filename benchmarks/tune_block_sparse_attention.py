@@ -49,7 +49,7 @@ def candidates(kernel: str, head_dim: int = 128, arch: int = 90) -> list[dict]:
     else:
         grid = dict(num_warps=[4, 8], num_stages=[1, 2, 3, 4], tiles_per_step=[1, 2])
         default = _fwd_config(64, head_dim, arch, kernel=kernel)
-        if arch >= 90:  # two key tiles per step at the launch that builds without spills
+        if arch >= 90 and head_dim <= 128:  # two key tiles per step at the launch that builds without spills
             first = [_two_tiles_config(head_dim, kernel)]
     out = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
     if default not in out:
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, default=8192)
     p.add_argument("--density", type=float, default=0.1)
-    p.add_argument("--head-dim", type=int, default=128, choices=(64, 128))
+    p.add_argument("--head-dim", type=int, default=128, choices=(64, 128, 256))
     p.add_argument("--kernels", default=",".join(KERNELS))
     p.add_argument("--budget-s", type=float, default=150, help="stop sweeping after this many seconds")
     p.add_argument("--out", help="also write the table to this file")
@@ -93,10 +93,9 @@ def main(argv=None) -> int:
     bad = [k for k in kernels if k not in KERNELS]
     if bad:
         p.error(f"unknown kernels {bad}; choose from {KERNELS}")
-    arch = 90
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        arch = 10 * major + minor
+    from sae_fast.triton_kernels.sparse_gather import config_arch
+
+    arch = config_arch("cuda") if torch.cuda.is_available() else 90  # the launch defaults' family
     if args.list:
         for kern in kernels:
             for c in candidates(kern, args.head_dim, arch):

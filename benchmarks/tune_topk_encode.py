@@ -45,10 +45,9 @@ def candidate_configs(quick: bool, k_pad: int, elem_size: int = 2) -> list[dict]
         grid.update(block_m=[bm], stages=[3])
     out = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
     out = [c for c in out if 64 * 64 <= c["block_n"] * c["block_m"] <= 128 * 128]
-    arch = 90
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        arch = 10 * major + minor
+    from sae_fast.triton_kernels.sparse_gather import config_arch
+
+    arch = config_arch("cuda") if torch.cuda.is_available() else 90  # the launch defaults' family
     default = dict(zip(("block_n", "block_m", "block_d", "warps", "stages"), _tile_config(k_pad, elem_size, arch=arch)),
                    sort_above=_SORT_ABOVE)
     if default not in out:

@@ -361,6 +361,71 @@ def test_head_dim_not_a_power_of_two(backend, device):
         assert rel_err(a, e) < 1e-5
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("D", [256, 200])
+def test_head_dims_above_128(backend, device, D):
+    """Gemma-size heads (256) and a padded one (200 on 256-wide tiles), forward and backward,
+    GQA, odd T; fp32 against the fp64 reference (the GPU tier runs bf16 at real length)."""
+    B, Hq, Hkv, T, S = 1, 4, 2, 37, 45
+    idx = [t.to(device) for t in make_index(B, Hq, T, S, block_m=16, block_n=16, max_blocks=2, max_cols=5, seed=9)]
+    q, k, v = qkv(B, Hq, Hkv, T, S, D, device=device, seed=5)
+    out, lse = block_sparse_attention(q, k, v, *idx, block_m=16, block_n=16, backend=backend)
+    leaves, want, want_lse = _ref64(q, k, v, idx, block_m=16, block_n=16)
+    assert rel_err(out, want) < 2e-6
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert rel_err(lse[finite], want_lse[finite]) < 2e-6
+    g = torch.randn_like(out)
+    for a, e, name in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, leaves, g.double()), "qkv"):
+        assert rel_err(a, e) < 1e-5, name
+
+
+def test_launch_falls_back_to_fewer_stages_when_shared_memory_is_short(monkeypatch):
+    """A GPU with less shared memory per block than a config assumes (sm_86 / sm_89 / sm_120:
+    ~100 KB) makes Triton refuse the build before launching; the launcher retries with fewer
+    pipeline stages, remembers the depth that loaded, and names the sizes when none fits. An
+    explicit (tuning) config launches as given."""
+    from triton.runtime.errors import OutOfResources
+
+    from sae_fast.triton_kernels import block_sparse_attention as bsa
+
+    monkeypatch.setattr(bsa, "_FITTED_STAGES", {})
+
+    class FakeKernel:  # needs 60 KB per stage
+        def __init__(self, limit):
+            self.limit, self.calls = limit, []
+
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **meta):
+                self.calls.append(num_stages)
+                if 60_000 * num_stages > self.limit:
+                    raise OutOfResources(60_000 * num_stages, self.limit, "shared memory")
+            return launch
+
+    meta = dict(HEAD_DIM=256, BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3)
+    kern = FakeKernel(limit=101_376)
+    bsa._launch_fitting(kern, (1,), (), meta, torch.device("cpu"), "test")
+    assert kern.calls == [3, 2, 1]
+    bsa._launch_fitting(kern, (1,), (), meta, torch.device("cpu"), "test")
+    assert kern.calls == [3, 2, 1, 1]  # remembered
+    with pytest.raises(OutOfResources):
+        bsa._launch_fitting(FakeKernel(101_376), (1,), (), meta, torch.device("cpu"), "test", exact=True)
+    with pytest.raises(RuntimeError, match=r"HEAD_DIM=256, BLOCK_M=64, BLOCK_N=128\) needs 60000 bytes"):
+        bsa._launch_fitting(FakeKernel(50_000), (1,), (), dict(meta, BLOCK_N=128), torch.device("cpu"), "t2")
+
+
+@pytest.mark.parametrize("capability,family", [((8, 0), 80), ((8, 6), 80), ((8, 9), 80), ((9, 0), 90),
+                                               ((10, 0), 90), ((12, 0), 80)])
+def test_launch_configs_follow_the_gpu_family(monkeypatch, capability, family):
+    """sm_90 / sm_100 get the wgmma-sized launches (227 KB of shared memory per block); the
+    ~100 KB GPUs (sm_86 / 89 / 120, no wgmma) get sm_80's. Off the GPU: 90."""
+    from sae_fast.triton_kernels.sparse_gather import config_arch
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert config_arch(torch.device("cuda", 0)) == family
+    assert config_arch(torch.device("cpu")) == 90
+
+
 TRITON_DEVICES = [pytest.param("cpu", id="interp", marks=pytest.mark.skipif(not INTERP, reason="needs TRITON_INTERPRET=1")),
                   pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
 
@@ -475,7 +540,7 @@ def _good():
         (dict(v=torch.randn(1, 1, 41, 16)), ValueError, "k and v"),
         (dict(k=torch.randn(1, 3, 40, 16), v=torch.randn(1, 3, 40, 16)), ValueError, "multiple"),
         (dict(q=torch.randn(1, 2, 30, 16, dtype=torch.float16)), TypeError, "dtype"),
-        (dict(q=torch.randn(1, 2, 30, 256), k=torch.randn(1, 1, 40, 256), v=torch.randn(1, 1, 40, 256)), ValueError,
+        (dict(q=torch.randn(1, 2, 30, 264), k=torch.randn(1, 1, 40, 264), v=torch.randn(1, 1, 40, 264)), ValueError,
          "head dim must be in"),
         (dict(block_count=torch.zeros(1, 2, 2, dtype=torch.int32)), ValueError, r"block_count must be \[1, 2, 1\]"),
         (dict(block_offset=torch.zeros(1, 2, 1, dtype=torch.int32)), ValueError, "block_offset must be 4-D"),
@@ -555,11 +620,12 @@ def test_block_mask_rejects_row_dependent_partial_blocks():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("T", [4096, 16384])
-def test_gpu_long_context(dtype, T):
-    """Real lengths, vertical-slash-like patterns (block 64), 4 query / 2 kv heads, D = 128:
-    out, lse and gradients against the fp32 dense reference over the expanded mask."""
-    B, Hq, Hkv, D = 1, 4 if T <= 4096 else 2, 2 if T <= 4096 else 1, 128
+@pytest.mark.parametrize("T,D", [(4096, 128), (16384, 128), (4096, 256)])
+def test_gpu_long_context(dtype, T, D):
+    """Real lengths, vertical-slash-like patterns (block 64), 4 query / 2 kv heads, D = 128
+    (and 256, Gemma's heads, on the 8-warp launches): out, lse and gradients against the fp32
+    dense reference over the expanded mask."""
+    B, Hq, Hkv = 1, 4 if T <= 4096 else 2, 2 if T <= 4096 else 1
     S = T
     nqb = T // 64
     gen = torch.Generator().manual_seed(0)

@@ -270,8 +270,8 @@ def test_errors():
         patch_sparse_attention(gpt2, SparseAttentionConfig.dense(1, 2))
     with pytest.raises(ValueError, match="not a Hugging Face transformers model"):
         patch_sparse_attention(torch.nn.Linear(2, 2), SparseAttentionConfig.dense(1, 2))
-    with pytest.raises(ValueError, match="head_dim 256 exceeds"):
-        patch_sparse_attention(_llama(head_dim=256), FULL["a_shape"])
+    with pytest.raises(ValueError, match="head_dim 320 exceeds"):
+        patch_sparse_attention(_llama(head_dim=320), FULL["a_shape"])
     model.config._attn_implementation_internal = "flex_attention"
     with pytest.raises(ValueError, match="supported originals are"):
         patch_sparse_attention(model, FULL["a_shape"])

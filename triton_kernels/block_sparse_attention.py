@@ -37,13 +37,14 @@ Backward, deterministic (no float atomics):
 buffer, no separate dQ pass: 5 instead of 7 tile products per (query, key) tile).
 """
 
+import itertools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .sparse_gather import _device_ctx, _empty, _finish, _interpreted
+from .sparse_gather import _device_ctx, _empty, _finish, _interpreted, config_arch
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -477,12 +478,18 @@ def _fwd_config(block_m: int, head_dim: int, arch: int = 90, kernel: str = "fwd"
       every row reduction) and fit one block per SM.
     * sm_80 (mma.sync): 8 warps at head dim 128 (4 spill a few bytes), 4 at 64 for the forward.
     * 128-row query blocks: 8 warps (two warpgroups of 64 rows).
+    * head dims above 128 (Gemma's 256): 8 warps, 2 stages on both arches (sm_90: forward 211
+      regs / 168 KB, dQ 246 regs / 196 KB; sm_80: 184 / 104 KB, 255 / 136 KB; no spills).
+    Launches that need more shared memory than the GPU gives a block run with fewer stages
+    (``_launch_fitting``).
     * ``tiles_per_step``: key tiles of ``block_n`` keys per online-softmax step (1 or 2). Two
       make each step's GEMMs [64, 128] and halve the per-step work that does not scale with
       the keys (the rescale of the [64, D] accumulator, the row max and sum, the loop's
       barriers); at head dim 128 it builds without spilling on sm_90 only with 8 warps
       (``_two_tiles_config``; kernel report). 1 until timed against 2.
     Timings to confirm on a GPU: ``benchmarks/tune_block_sparse_attention.py``."""
+    if head_dim > 128:  # [64, 256] fp32 accumulators: 4 warps spill 0.2-2 KB, 8 none (both arches)
+        return dict(num_warps=8, num_stages=2, tiles_per_step=1)
     if block_m >= 128:
         return dict(num_warps=8, num_stages=3 if head_dim <= 64 else 2, tiles_per_step=1)
     if arch >= 90:
@@ -516,7 +523,10 @@ def _dkdv_config(head_dim: int, arch: int = 90) -> dict:
     """dK/dV: two fp32 accumulators [64 keys, D] and four [64, rows] tiles per step; the query
     rows of an entry are taken ``block_m`` at a time. sm_90: one warpgroup per 64-key tile, two
     blocks per SM, loads pipelined 2 deep (head dim 128 needs 32-row steps to stay under 255
-    registers). sm_80: 8 warps with 32-row steps at head dim 128 (4 warps spill)."""
+    registers). sm_80: 8 warps with 32-row steps at head dim 128 (4 warps spill). Head dims
+    above 128: 8 warps, 32-row steps on both (4 warps spill 4-7 KB)."""
+    if head_dim > 128:
+        return dict(num_warps=8, num_stages=2, block_m=32)
     if head_dim <= 64:
         return dict(num_warps=4, num_stages=2, block_m=64)
     if arch >= 90:
@@ -525,11 +535,8 @@ def _dkdv_config(head_dim: int, arch: int = 90) -> dict:
 
 
 def _arch(t: torch.Tensor) -> int:
-    """Compute capability of t's GPU as 80, 90, ...; 90 elsewhere (the interpreter ignores it)."""
-    if t.is_cuda:
-        major, minor = torch.cuda.get_device_capability(t.device)
-        return 10 * major + minor
-    return 90
+    """80 or 90: which of the configs below suit t's GPU (``sparse_gather.config_arch``)."""
+    return config_arch(t.device)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -549,6 +556,39 @@ def _dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------- launchers
 
+_FITTED_STAGES: dict = {}  # (kernel, device, launch meta) -> the pipeline depth that loaded
+
+
+def _launch_fitting(kernel, grid, args, meta: dict, device: torch.device, what: str, exact: bool = False) -> None:
+    """``kernel[grid](*args, **meta)``, with fewer pipeline stages when the build needs more
+    shared memory than this GPU gives one block (each stage buffers a K and a V tile): the
+    configs are sized for A100 / H100 (163 / 227 KB), and block sizes above 64, head dims above
+    128 or a GPU with ~100 KB per block (sm_86 / sm_89 / sm_120) may not fit them. Triton
+    refuses such a build before launching it (``OutOfResources``); the depth that loaded is
+    remembered per launch shape. Fails with the sizes when even one stage does not fit.
+    ``exact``: a caller's explicit config (the tuning sweep) launches as given or fails."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (what, device, tuple(sorted(meta.items())))
+    stages = meta.get("num_stages", 2) if exact else _FITTED_STAGES.get(key, meta.get("num_stages", 2))
+    while True:
+        try:
+            kernel[grid](*args, **dict(meta, num_stages=stages))
+        except OutOfResources as e:
+            if exact:
+                raise
+            if e.name != "shared memory" or stages <= 1:
+                sizes = ", ".join(f"{n}={meta[n]}" for n in ("HEAD_DIM", "QBLOCK", "BLOCK_M", "BLOCK_N") if n in meta)
+                raise RuntimeError(
+                    f"block_sparse_attention: the {what} kernel ({sizes}) needs {e.required} bytes of "
+                    f"{e.name} per block even unpipelined, and this GPU allows {e.limit}: use smaller "
+                    f"block_m / block_n (64 x 64 fits every supported GPU up to head dim 128)") from e
+            stages -= 1
+            continue
+        _FITTED_STAGES[key] = stages
+        return
+
+
 
 def block_sparse_attention(q, k, v, block_count, block_offset, column_count, column_index,
                            causal=True, scale=None, block_m=64, block_n=64, config: Optional[dict] = None):
@@ -565,14 +605,14 @@ def block_sparse_attention(q, k, v, block_count, block_offset, column_count, col
     nqb = triton.cdiv(T, block_m)
     step, cfg = _launch_config(config or _fwd_config(block_m, D, _arch(q)))
     with _device_ctx(q):
-        _fwd_kernel[(nqb, B * H)](
+        _launch_fitting(_fwd_kernel, (nqb, B * H), (
             q, k, v, out, lse,
             block_count, _dummy(block_offset, block_count), column_count, _dummy(column_index, column_count),
             T, S, H, H // Hkv, nqb, block_offset.shape[-1], column_index.shape[-1], scale * LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
-            CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, BLOCK_N=block_n, STEP=step,
-            UPCAST=_upcast(q.dtype), PRECISION=_precision(q.dtype), **cfg,
-        )
+        ), dict(CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, BLOCK_N=block_n, STEP=step,
+                UPCAST=_upcast(q.dtype), PRECISION=_precision(q.dtype), **cfg), q.device, "forward",
+            exact=config is not None)
     return _finish(out, q.dtype), lse
 
 
@@ -875,16 +915,16 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse,
     configs = configs or {}
     arch = _arch(q)
     if deterministic:
+        exact = bool(configs.get("dq"))
         step, cfg = _launch_config(configs.get("dq") or _fwd_config(block_m, D, arch, kernel="dq"))
         with _device_ctx(q):
-            _bwd_dq_kernel[(nqb, B * H)](
+            _launch_fitting(_bwd_dq_kernel, (nqb, B * H), (
                 q, k, v, grad_out, lse, delta, dq,
                 block_count, _dummy(block_offset, block_count), column_count, _dummy(column_index, column_count),
                 T, S, H, G, nqb, block_offset.shape[-1], column_index.shape[-1], scale * LOG2E, scale,
                 *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride()[:3],
-                CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=block_m, BLOCK_N=block_n, STEP=step,
-                UPCAST=upcast, PRECISION=precision, **cfg,
-            )
+            ), dict(CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=block_m, BLOCK_N=block_n, STEP=step,
+                    UPCAST=upcast, PRECISION=precision, **cfg), q.device, "dQ", exact=exact)
         dq_acc = delta  # unused pointer
     else:
         dq_acc = torch.zeros((B, H, T, D), device=q.device, dtype=torch.float32)
@@ -898,6 +938,7 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse,
         col_dk, col_dv, rng_dk, rng_dv = torch.empty((4, B * Hkv, col_rows, D), device=q.device, dtype=torch.float32)
     else:
         col_dk = col_dv = rng_dk = rng_dv = delta
+    exact = bool(configs.get("dkdv"))
     dkdv_cfg = dict(configs.get("dkdv") or _dkdv_config(D, arch))
     sub_m = min(block_m, dkdv_cfg["block_m"])
     common = (
@@ -915,8 +956,10 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse,
                 num_warps=dkdv_cfg["num_warps"], num_stages=dkdv_cfg["num_stages"])
     with _device_ctx(q):
         if nct:  # column partials; the finalize kernel adds them to the range partials
-            _bwd_dkdv_kernel[(nct, B * Hkv)](*common, nkb, *tail, IS_COL=True, HAS_COLS=True, **meta)
-        _bwd_dkdv_kernel[(nkb, B * Hkv)](*common, 0, *tail, IS_COL=False, HAS_COLS=nct > 0, **meta)
+            _launch_fitting(_bwd_dkdv_kernel, (nct, B * Hkv), (*common, nkb, *tail),
+                            dict(meta, IS_COL=True, HAS_COLS=True), q.device, "dK/dV", exact=exact)
+        _launch_fitting(_bwd_dkdv_kernel, (nkb, B * Hkv), (*common, 0, *tail),
+                        dict(meta, IS_COL=False, HAS_COLS=nct > 0), q.device, "dK/dV", exact=exact)
         if nct:
             block_r = 32
             _bwd_cols_finalize_kernel[(triton.cdiv(col_rows, block_r), B * Hkv)](
@@ -933,7 +976,7 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse,
 
 def launch_specs() -> list:
     """Launch configurations for the static kernel report (see sparse_gather.launch_specs):
-    bf16, head dims 64 and 128, 64×64 blocks. Allowed spills were located with nvdisasm: no
+    bf16, head dims 64, 128 and 256, 64×64 blocks. Allowed spills were located with nvdisasm: no
     local-memory access inside the kernels' main loops."""
     specs = []
     idx = dict(bcount_ptr="*i32", boff_ptr="*i32", ccount_ptr="*i32", cidx_ptr="*i32")
@@ -944,11 +987,11 @@ def launch_specs() -> list:
     strides = {f"stride_{t}{a}": "i64" for t in ("q", "k", "v", "do") for a in ("b", "h")}
     strides.update({f"stride_{t}": "i32" for t in ("qt", "ks", "vs", "dot")})
     unit = {f"stride_{t}d": 1 for t in ("q", "k", "v", "do")}
-    for arch, d in ((80, 64), (80, 128), (90, 64), (90, 128)):  # the launch configs differ per arch
+    for arch, d in itertools.product((80, 90), (64, 128, 256)):  # the launch configs differ per arch
         cfg = _fwd_config(64, d, arch)
         qcfg = _fwd_config(64, d, arch, kernel="dq")
         # the default launch, and on sm_90 the two-tiles-per-step candidate of the tuning sweep
-        for step in (1, 2) if arch >= 90 else (1,):
+        for step in (1, 2) if arch >= 90 and d <= 128 else (1,):
             tag = "" if step == cfg["tiles_per_step"] else f",{step} tiles/step"
             if tag:
                 cfg, qcfg = _two_tiles_config(d, "fwd"), _two_tiles_config(d, "dq")

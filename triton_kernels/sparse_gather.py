@@ -146,6 +146,18 @@ def _device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else _NullCtx()
 
 
+def config_arch(device: torch.device) -> int:
+    """Which launch configs suit the GPU: 90 for sm_90 / sm_100 / sm_103 (asynchronous
+    tensor-core MMA, 227 KB of shared memory per block), 80 for the rest (sm_80 / 86 / 89 and
+    the consumer Blackwell sm_120: mma.sync, 99-163 KB). 90 off the GPU (the interpreter
+    ignores launch configs)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 90
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major in (9, 10) else 80
+
+
 class _NullCtx:
     def __enter__(self):
         return None

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .encoder_tile import centered_input, encoder_pre_tile
-from .sparse_gather import _device_ctx, _interpreted
+from .sparse_gather import _device_ctx, _interpreted, config_arch
 
 _KEY_MIN = -(2**63)  # "no candidate": below every sentinel and every real key
 _SENTINEL_CEIL = _KEY_MIN + 2**20  # empty-slot sentinels are _KEY_MIN + 1 + slot, below this
@@ -145,15 +145,16 @@ def _tile_config(k_pad: int, elem_size: int, has_aux: bool = False, arch: int = 
 _SORT_ABOVE = 16
 
 
-def _config(n: int, m: int, k_pad: int, elem_size: int, interpreted: bool, has_aux: bool = False):
+def _config(n: int, m: int, k_pad: int, elem_size: int, interpreted: bool, has_aux: bool = False,
+            device: Optional[torch.device] = None):
     if interpreted:  # one small config: the interpreter runs programs one by one in numpy
         return dict(block_n=16, block_m=max(k_pad, 16), block_d=32, warps=4, stages=1, splits=1,
                     sort_above=_SORT_ABOVE)
-    major, minor = torch.cuda.get_device_capability(torch.cuda.current_device())
-    block_n, block_m, block_d, warps, stages = _tile_config(k_pad, elem_size, has_aux, 10 * major + minor)
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else device
+    block_n, block_m, block_d, warps, stages = _tile_config(k_pad, elem_size, has_aux, config_arch(device))
     n_blocks = triton.cdiv(n, block_n)
     # Enough programs to fill the GPU, each with at least a few latent tiles.
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     splits = max(1, min(triton.cdiv(m, 4 * block_m), triton.cdiv(2 * sms, n_blocks)))
     return dict(block_n=block_n, block_m=block_m, block_d=block_d, warps=warps, stages=stages, splits=splits,
                 sort_above=_SORT_ABOVE)
@@ -181,7 +182,7 @@ def topk_encode(
     x = centered_input(x, b_dec, W_enc.dtype)
     has_aux = dead_mask is not None and k_aux > 0
     k_pad = triton.next_power_of_2(max(k, k_aux if has_aux else 1))
-    cfg = _config(n, m, k_pad, W_enc.element_size(), _interpreted(), has_aux)
+    cfg = _config(n, m, k_pad, W_enc.element_size(), _interpreted(), has_aux, x.device)
     cfg.update(config or {})
     if splits:
         cfg["splits"] = splits
