@@ -4,6 +4,8 @@ generate() works, undo restores, the fallbacks are taken when they should be, un
 models and configs raise; the offline search's kept-mass scores against an explicit mask.
 The real SmolLM2 comparison runs with --run-slow when the material is installed."""
 
+import os
+
 import pytest
 import torch
 
@@ -208,6 +210,24 @@ def test_gemma2_softcap_falls_back_and_its_scale_goes_sparse():
             with patch_sparse_attention(model, SparseAttentionConfig.vertical_slash(LAYERS, HEADS, 4, 8),
                                         min_prefill_len=16, backend="reference"):
                 assert not torch.allclose(_logits(model, ids), want, atol=1e-3)
+
+
+def test_gemma_sized_heads_take_the_triton_path():
+    """Gemma's 256-wide heads (no soft-capping, a window longer than the prompt): every layer
+    runs the Triton kernel (interpreter) and full budgets give the unpatched logits."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU path of the Triton backend is the interpreter (TRITON_INTERPRET=1)")
+    ids = _ids(B=1, T=70)
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                  num_attention_heads=HEADS, num_key_value_heads=2, head_dim=256, max_position_embeddings=512,
+                  attn_logit_softcapping=None, sliding_window=4096, query_pre_attn_scalar=256)
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, attn_implementation="eager")).eval()
+    want = _logits(model, ids)
+    with patch_sparse_attention(model, FULL["vertical_slash"], min_prefill_len=16, backend="triton") as h:
+        got = _logits(model, ids)
+    assert dict(h.stats) == {"sparse": LAYERS}
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
 def test_gpt_oss_sinks_fall_back():
