@@ -57,8 +57,10 @@ def test_topk_sweep_starts_at_the_default(k):
     assert (first["block_n"], first["block_m"], first["block_d"], first["warps"], first["stages"]) == _tile_config(k, 2)
     keys = [tuple(sorted(c.items())) for c in configs]
     assert len(keys) == len(set(keys))
+    priority = tune.priority_configs(k, first)
+    assert configs[1:1 + len(priority)] == priority and all(p in configs for p in priority)
     distance = [sum(c[key] != first[key] for key in ("block_n", "block_m", "block_d", "warps", "stages"))
-                for c in configs if c["sort_above"] == first["sort_above"]]
+                for c in configs[1 + len(priority):] if c["sort_above"] == first["sort_above"]]
     assert distance == sorted(distance)
 
 
