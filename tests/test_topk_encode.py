@@ -162,6 +162,22 @@ def test_fused_kernel_matches_reference_exactly(backend, device, n, d, m, k, spl
 
 
 @pytest.mark.parametrize("backend,device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fused_kernel_16bit_weights_select_like_fp32(backend, device, dtype):
+    """Small integers are exact in 16 bits and their products and sums exact in fp32, so the
+    16-bit kernel (tensor cores on GPU, widened operands in the interpreter) must select the
+    fp32 kernel's latents and return its values rounded to the 16-bit dtype."""
+    from sae_fast.triton_kernels import topk_encode as fused
+
+    x, W, b_enc, b_dec = _int_inputs(13, 24, 90, device)
+    want = fused.topk_encode(x, W, b_enc, b_dec, 6)
+    got = fused.topk_encode(*(t.to(dtype) for t in (x, W, b_enc, b_dec)), 6)
+    assert got[0].dtype == dtype
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0], want[0].to(dtype))
+
+
+@pytest.mark.parametrize("backend,device", TRITON_DEVICES)
 def test_fused_kernel_strided_weight_and_no_biases(backend, device):
     from sae_fast.triton_kernels import topk_encode as fused
 

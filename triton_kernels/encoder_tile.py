@@ -1,5 +1,6 @@
 """The encoder GEMM tile shared by the fused encoders (topk_encode, threshold_encode)."""
 
+import os
 from typing import Optional
 
 import torch
@@ -17,17 +18,26 @@ def centered_input(x: torch.Tensor, b_dec: Optional[torch.Tensor], w_dtype: torc
     return (x.to(torch.float32) - b_dec.to(torch.float32)).to(w_dtype)
 
 
+def needs_upcast(w_dtype: torch.dtype) -> bool:
+    """True for bf16 weights under Triton's interpreter (see ``encoder_pre_tile``)."""
+    return w_dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 @triton.jit
 def encoder_pre_tile(
     x_ptr, w_ptr, b_enc_ptr, offs_n, mask_n, offs_m, mask_m, d,
     stride_xn, stride_xd, stride_wm, stride_wd,
     HAS_B_ENC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr = False,
 ):
     """``pre = x_c @ W_encᵀ + b_enc`` for rows ``offs_n`` and latents ``offs_m``, in fp32:
     [BLOCK_N, BLOCK_M], where x_c is the already centered input (``centered_input``).
     Operands go to the tensor cores in the weights' dtype (bf16/fp16; fp32 with
-    ``INPUT_PRECISION="ieee"``, so near-ties select like an fp32 matmul)."""
+    ``INPUT_PRECISION="ieee"``, so near-ties select like an fp32 matmul). ``UPCAST``: bf16
+    operands under Triton's interpreter, which has no bf16 arithmetic (its bf16 dot returned
+    garbage): they are widened to fp32 first, where a bf16 x bf16 product is exact, so only
+    the summation order differs from the GPU's tensor cores (``needs_upcast``)."""
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for d0 in range(0, d, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -36,7 +46,11 @@ def encoder_pre_tile(
                      mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         wt = tl.load(w_ptr + offs_m[None, :].to(tl.int64) * stride_wm + offs_d[:, None] * stride_wd,
                      mask=mask_m[None, :] & mask_d[:, None], other=0.0)
-        acc += tl.dot(xt.to(wt.dtype), wt, out_dtype=tl.float32, input_precision=INPUT_PRECISION)
+        if UPCAST:
+            acc += tl.dot(xt.to(wt.dtype).to(tl.float32), wt.to(tl.float32), out_dtype=tl.float32,
+                          input_precision="ieee")
+        else:
+            acc += tl.dot(xt.to(wt.dtype), wt, out_dtype=tl.float32, input_precision=INPUT_PRECISION)
     if HAS_B_ENC:
         acc += tl.load(b_enc_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[None, :]
     return acc

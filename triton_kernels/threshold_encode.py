@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .encoder_tile import centered_input, encoder_pre_tile
+from .encoder_tile import centered_input, encoder_pre_tile, needs_upcast
 from .sparse_gather import _device_ctx, _interpreted
 
 
@@ -33,6 +33,7 @@ def _threshold_select_kernel(
     HAS_B_ENC: tl.constexpr, THR_PER_LATENT: tl.constexpr,
     RELU: tl.constexpr, HAS_BAND: tl.constexpr, DENSE_OUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -51,7 +52,7 @@ def _threshold_select_kernel(
         mask_m = offs_m < lat_end
         acc = encoder_pre_tile(x_ptr, w_ptr, b_enc_ptr, offs_n, mask_n, offs_m, mask_m, d,
                                stride_xn, stride_xd, stride_wm, stride_wd, HAS_B_ENC,
-                               BLOCK_N, BLOCK_M, BLOCK_D, INPUT_PRECISION)
+                               BLOCK_N, BLOCK_M, BLOCK_D, INPUT_PRECISION, UPCAST)
         # Compare in the output dtype, as a dense computation in that dtype would.
         pre = acc.to(val_ptr.dtype.element_ty)
         if THR_PER_LATENT:
@@ -121,7 +122,8 @@ def _launch(x, W_enc, b_enc, threshold, capacity: int, splits: Optional[int], re
             HAS_B_ENC=b_enc is not None, THR_PER_LATENT=threshold.dim() == 1,
             RELU=relu, HAS_BAND=half_band is not None, DENSE_OUT=dense is not None,
             BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-            INPUT_PRECISION="ieee" if W_enc.element_size() >= 4 else "tf32", num_warps=warps, num_stages=stages,
+            INPUT_PRECISION="ieee" if W_enc.element_size() >= 4 else "tf32",
+            UPCAST=needs_upcast(W_enc.dtype), num_warps=warps, num_stages=stages,
         )
     return values, indices, counts
 
@@ -201,7 +203,8 @@ def launch_specs() -> list:
                            d="i32", m="i32", latents_per_split="i32", capacity="i32", half_band="fp32",
                            stride_xn="i64", stride_wm="i64"),
                 constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, **flags, BLOCK_N=block_n,
-                                BLOCK_M=block_m, BLOCK_D=block_d, INPUT_PRECISION="ieee" if elem >= 4 else "tf32"),
+                                BLOCK_M=block_m, BLOCK_D=block_d, INPUT_PRECISION="ieee" if elem >= 4 else "tf32",
+                                UPCAST=False),
                 num_warps=warps, matmul=dt == "bf16", main=dt == "bf16",
                 divisible=("n_rows", "d", "m", "latents_per_split"),  # N=8192, d=2304, M=131072
                 allow=_allowances(dt, flags["DENSE_OUT"]),

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .encoder_tile import centered_input, encoder_pre_tile
+from .encoder_tile import centered_input, encoder_pre_tile, needs_upcast
 from .sparse_gather import _device_ctx, _interpreted, config_arch
 
 _KEY_MIN = -(2**63)  # "no candidate": below every sentinel and every real key
@@ -77,6 +77,7 @@ def _topk_partial_kernel(
     HAS_B_ENC: tl.constexpr, HAS_AUX: tl.constexpr,
     K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     SORT_ABOVE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -95,7 +96,7 @@ def _topk_partial_kernel(
         mask_m = offs_m < lat_end
         acc = encoder_pre_tile(x_ptr, w_ptr, b_enc_ptr, offs_n, mask_n, offs_m, mask_m, d,
                                stride_xn, stride_xd, stride_wm, stride_wd, HAS_B_ENC,
-                               BLOCK_N, BLOCK_M, BLOCK_D, INPUT_PRECISION)
+                               BLOCK_N, BLOCK_M, BLOCK_D, INPUT_PRECISION, UPCAST)
         valid = mask_n[:, None] & mask_m[None, :]
         keys = _keys(acc, offs_m[None, :], valid)
         best = _fold(best, keys, SORT_ABOVE)
@@ -201,6 +202,7 @@ def topk_encode(
             HAS_B_ENC=b_enc is not None, HAS_AUX=has_aux,
             K_PAD=k_pad, BLOCK_N=cfg["block_n"], BLOCK_M=block_m, BLOCK_D=cfg["block_d"],
             SORT_ABOVE=cfg["sort_above"], INPUT_PRECISION="ieee" if W_enc.element_size() >= 4 else "tf32",
+            UPCAST=needs_upcast(W_enc.dtype),
             num_warps=cfg["warps"], num_stages=cfg["stages"],
         )
     pre, idx, _ = _decode_keys(part.view(n, -1), k)
@@ -226,7 +228,7 @@ def launch_specs() -> list:
                            latents_per_split="i32", stride_xn="i64", stride_wm="i64"),
                 constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, HAS_AUX=has_aux, K_PAD=k_pad,
                                 BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, SORT_ABOVE=_SORT_ABOVE,
-                                INPUT_PRECISION="ieee" if elem >= 4 else "tf32"),
+                                INPUT_PRECISION="ieee" if elem >= 4 else "tf32", UPCAST=False),
                 num_warps=warps, num_stages=stages, matmul=dt == "bf16", archs=(arch,),
                 divisible=("n_rows", "d", "m", "latents_per_split"),  # N=16384, d=2304, M=131072
                 main=dt == "bf16" and k_pad == 64 and not has_aux,
