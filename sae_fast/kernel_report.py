@@ -31,7 +31,7 @@ _MAX_BLOCK_SMEM = {80: 163 * 1024, 90: 227 * 1024}
 # Per-SM limits for the occupancy column: shared memory per SM (A100 164 KiB, H100 228 KiB; the
 # runtime reserves 1 KiB per block), 64K registers and 64 warps on both.
 _SM_SMEM = {80: 164 * 1024, 90: 228 * 1024}
-KERNEL_MODULES = ("sparse_gather", "topk_encode", "threshold_encode", "block_sparse_attention")  # modules of sae_fast.triton_kernels with launch_specs()
+KERNEL_MODULES = ("sparse_gather", "topk_encode", "topk_filter", "threshold_encode", "block_sparse_attention")  # modules of sae_fast.triton_kernels with launch_specs()
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
