@@ -2,6 +2,7 @@
 would waste it. On CPU: each bench's ``--list`` plan, the sparse-prefill dry run and its
 density probe, and the tuning sweeps' candidate order (the kernel's default first)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def _bench_path():
 
 
 @pytest.mark.parametrize("script", ["bench_sparse_decode", "bench_block_sparse_attention", "bench_sparse_prefill",
-                                    "bench_integrations"])
+                                    "bench_integrations", "bench_topk_encode"])
 def test_list_plans_without_a_gpu(script, capsys):
     module = __import__(script)
     module.main(["--list"])
@@ -145,3 +146,16 @@ def test_attention_bench_counts_each_index_half():
     assert counts["ranges"] + counts["columns"] == counts[None]
     with pytest.raises(ValueError, match="part"):
         bench.split_index(index, "diagonals")
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU path: Triton's interpreter")
+def test_topk_bench_filter_provider_selects_like_the_default():
+    """The forward-only candidate row measures the same selection as the default op."""
+    import bench_topk_encode as bench
+
+    g = torch.Generator().manual_seed(0)
+    x, W, b = torch.randn(9, 32, generator=g), torch.randn(2100, 32, generator=g) / 6, torch.randn(2100, generator=g)
+    got = bench.provider_fn("sae_fast_filter")(x, W, b, 16)
+    want = bench.provider_fn("sae_fast")(x, W, b, 16)
+    torch.testing.assert_close(got.relu().sort(dim=1).values, want.relu().sort(dim=1).values, rtol=0, atol=0)
+    assert "sae_fast_filter" in bench.PROVIDERS and bench.FORWARD_ONLY <= set(bench.PROVIDERS)
