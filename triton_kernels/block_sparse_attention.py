@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_gather import _device_ctx, _empty, _finish, _interpreted, config_arch
+from .sparse_gather import _device_ctx, _empty, _finish, config_arch, needs_upcast
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -543,10 +543,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _upcast(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and _interpreted()
-
-
 def _dummy(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """A real pointer for an absent or empty tensor argument (never dereferenced)."""
     if t is None or t.numel() == 0:
@@ -611,7 +607,7 @@ def block_sparse_attention(q, k, v, block_count, block_offset, column_count, col
             T, S, H, H // Hkv, nqb, block_offset.shape[-1], column_index.shape[-1], scale * LOG2E,
             *q.stride(), *k.stride(), *v.stride(), *out.stride()[:3],
         ), dict(CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=block_m, BLOCK_N=block_n, STEP=step,
-                UPCAST=_upcast(q.dtype), PRECISION=_precision(q.dtype), **cfg), q.device, "forward",
+                UPCAST=needs_upcast(q.dtype), PRECISION=_precision(q.dtype), **cfg), q.device, "forward",
             exact=config is not None)
     return _finish(out, q.dtype), lse
 
@@ -898,7 +894,7 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse,
     dq = _empty((B, H, T, D), q, q.dtype)
     dk = _empty((B, Hkv, S, D), k, k.dtype)
     dv = _empty((B, Hkv, S, D), v, v.dtype)
-    upcast, precision = _upcast(q.dtype), _precision(q.dtype)
+    upcast, precision = needs_upcast(q.dtype), _precision(q.dtype)
     BLOCK_D = _block_d(D)
     nqb = triton.cdiv(T, block_m)
 

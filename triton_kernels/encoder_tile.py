@@ -1,6 +1,5 @@
 """The encoder GEMM tile shared by the fused encoders (topk_encode, threshold_encode)."""
 
-import os
 from typing import Optional
 
 import torch
@@ -16,11 +15,6 @@ def centered_input(x: torch.Tensor, b_dec: Optional[torch.Tensor], w_dtype: torc
     if b_dec is None:
         return x
     return (x.to(torch.float32) - b_dec.to(torch.float32)).to(w_dtype)
-
-
-def needs_upcast(w_dtype: torch.dtype) -> bool:
-    """True for bf16 weights under Triton's interpreter (see ``encoder_pre_tile``)."""
-    return w_dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

@@ -142,6 +142,12 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def needs_upcast(dtype: torch.dtype) -> bool:
+    """True for bf16 operands under Triton's interpreter, which has no bf16 arithmetic: the
+    kernels widen them to fp32 first (``encoder_pre_tile``, the attention kernels)."""
+    return dtype == torch.bfloat16 and _interpreted()
+
+
 def _device_ctx(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else _NullCtx()
 

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .encoder_tile import centered_input, encoder_pre_tile, needs_upcast
-from .sparse_gather import _device_ctx, _interpreted
+from .encoder_tile import centered_input, encoder_pre_tile
+from .sparse_gather import _device_ctx, _interpreted, needs_upcast
 
 
 @triton.jit

@@ -32,8 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .encoder_tile import centered_input, encoder_pre_tile, needs_upcast
-from .sparse_gather import _device_ctx, _interpreted, config_arch
+from .encoder_tile import centered_input, encoder_pre_tile
+from .sparse_gather import _device_ctx, _interpreted, config_arch, needs_upcast
 
 _KEY_MIN = -(2**63)  # "no candidate": below every sentinel and every real key
 _SENTINEL_CEIL = _KEY_MIN + 2**20  # empty-slot sentinels are _KEY_MIN + 1 + slot, below this

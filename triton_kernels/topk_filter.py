@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from . import topk_encode as fused
-from .encoder_tile import centered_input, encoder_pre_tile, needs_upcast
-from .sparse_gather import _device_ctx, _interpreted
+from .encoder_tile import centered_input, encoder_pre_tile
+from .sparse_gather import _device_ctx, _interpreted, needs_upcast
 
 PROBE_SHARE = 16  # the probe computes 1/16 of the latents
 PROBE_TILE = 64  # ... in whole tiles of this many latents
