@@ -80,12 +80,16 @@ def _threshold_select_kernel(
 
 
 def _tile_config(elem_size: int, dense: bool = False):
-    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps) on a GPU: a plain GEMM tile (the selection is a
-    prefix sum and masked stores per tile); the largest the kernel report compiles without
-    spills on sm_80 and sm_90 (the dense store's pointers need the smaller row block)."""
+    """(BLOCK_N, BLOCK_M, BLOCK_D, num_warps, num_stages) on a GPU: a plain GEMM tile (the
+    selection is a prefix sum and masked stores per tile), the largest the kernel report
+    compiles without spills on sm_80 and sm_90 (the dense store's pointers need the smaller
+    row block). bf16: 4 stages, which took the TopK kernel's 8-warp launch of the same encoder
+    tile from 68.5 to 52.0 ms on an H200 (results/tune_topk_encode_h200.txt); not yet timed
+    for this kernel. (4 warps, that sweep's best, spill ~500 B here: the epilogue's per-entry
+    store addresses.)"""
     if elem_size <= 2:
-        return (32, 64, 64, 8) if dense else (64, 64, 64, 8)
-    return (32, 64, 32, 8) if dense else (64, 64, 32, 8)
+        return (32, 64, 64, 8, 3) if dense else (64, 64, 64, 8, 4)
+    return (32, 64, 32, 8, 3) if dense else (64, 64, 32, 8, 3)
 
 
 def _launch(x, W_enc, b_enc, threshold, capacity: int, splits: Optional[int], relu=True, half_band=None,
@@ -94,11 +98,10 @@ def _launch(x, W_enc, b_enc, threshold, capacity: int, splits: Optional[int], re
     n, d = x.shape
     out_dtype = out_dtype or x.dtype
     m = W_enc.shape[0]
-    stages = 3  # Triton's default
     if _interpreted():
-        block_n, block_m, block_d, warps, auto_splits = 16, 16, 32, 4, 1
+        block_n, block_m, block_d, warps, stages, auto_splits = 16, 16, 32, 4, 1, 1
     else:
-        block_n, block_m, block_d, warps = _tile_config(W_enc.element_size(), dense is not None)
+        block_n, block_m, block_d, warps, stages = _tile_config(W_enc.element_size(), dense is not None)
         if config:  # benchmarks/tune_threshold_encode.py
             block_n, block_m, block_d = config["block_n"], config["block_m"], config["block_d"]
             warps, stages = config["warps"], config["stages"]
@@ -194,7 +197,7 @@ def launch_specs() -> list:
     specs = []
     for dt, elem in (("bf16", 2), ("fp32", 4)):
         for variant, flags in variants.items():
-            block_n, block_m, block_d, warps = _tile_config(elem, flags["DENSE_OUT"])
+            block_n, block_m, block_d, warps, stages = _tile_config(elem, flags["DENSE_OUT"])
             specs.append(dict(
                 name=f"threshold_select[{dt},{variant}]",
                 kernel=_threshold_select_kernel,
@@ -205,7 +208,7 @@ def launch_specs() -> list:
                 constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, **flags, BLOCK_N=block_n,
                                 BLOCK_M=block_m, BLOCK_D=block_d, INPUT_PRECISION="ieee" if elem >= 4 else "tf32",
                                 UPCAST=False),
-                num_warps=warps, matmul=dt == "bf16", main=dt == "bf16",
+                num_warps=warps, num_stages=stages, matmul=dt == "bf16", main=dt == "bf16",
                 divisible=("n_rows", "d", "m", "latents_per_split"),  # N=8192, d=2304, M=131072
                 allow=_allowances(dt, flags["DENSE_OUT"]),
             ))
