@@ -6,7 +6,8 @@ Providers: ``gemm_only`` (the cuBLAS GEMM alone: the floor a fused kernel is mea
 against), ``torch_linear_topk`` (F.linear + topk, what most SAE code does), ``sae_fast``
 (the default backend: fused Triton selection, sparse backward), ``sae_fast_filter`` (the
 probe-and-filter candidate, ``triton_kernels/topk_filter.py``: forward only, same keys as the
-fused kernel; a row per backward mode says so), ``sparsify`` (EleutherAI
+fused kernel; a row per backward mode says so; ``sae_fast_filter_rowslots`` is its other
+epilogue), ``sparsify`` (EleutherAI
 sparsify's ``SparseCoder.encode``, its fused encoder, when the package is installed: rows say
 "not installed" otherwise), and the BatchTopK pair ``torch_batchtopk`` (F.linear, ReLU, one
 topk over the flattened batch) / ``sae_fast_batchtopk`` (exact CSR selection). Modes fwd / bwd / fwd+bwd
@@ -31,9 +32,9 @@ OP = "topk_encode"
 MAIN = {"N": 16384, "d": 2304, "M": 131072, "k": 64}
 SWEEP = {"M": [65536, 262144, 1048576], "k": [32, 128]}
 MODES = ("fwd", "bwd", "fwd+bwd")
-PROVIDERS = ("gemm_only", "torch_linear_topk", "sae_fast", "sae_fast_filter", "sparsify", "torch_batchtopk",
-             "sae_fast_batchtopk")
-FORWARD_ONLY = {"sae_fast_filter"}  # kernels without an autograd registration
+PROVIDERS = ("gemm_only", "torch_linear_topk", "sae_fast", "sae_fast_filter", "sae_fast_filter_rowslots", "sparsify",
+             "torch_batchtopk", "sae_fast_batchtopk")
+FORWARD_ONLY = {"sae_fast_filter", "sae_fast_filter_rowslots"}  # kernels without an autograd registration
 
 
 def shape_plan(quick: bool) -> list[dict]:
@@ -66,11 +67,13 @@ def provider_fn(name: str, x=None, W=None, b=None, k=None):
         return lambda x, W, b, k: F.linear(x, W, b)
     if name == "torch_linear_topk":
         return lambda x, W, b, k: torch.topk(F.linear(x, W, b), k, dim=1, sorted=False).values.relu()
-    if name == "sae_fast_filter":
+    if name.startswith("sae_fast_filter"):
         harness.import_sae_fast()
         from sae_fast.triton_kernels import topk_filter
 
-        return lambda x, W, b, k: topk_filter.topk_encode_filtered(x.detach(), W.detach(), b.detach(), None, k)[0]
+        config = dict(entry_slots=not name.endswith("rowslots"))
+        return lambda x, W, b, k: topk_filter.topk_encode_filtered(x.detach(), W.detach(), b.detach(), None, k,
+                                                                   config=config)[0]
     if name == "sae_fast":
         sae_fast = harness.import_sae_fast()
         return lambda x, W, b, k: sae_fast.topk_encode(x, W, b, k).values

@@ -149,12 +149,13 @@ def test_attention_bench_counts_each_index_half():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU path: Triton's interpreter")
 def test_topk_bench_filter_provider_selects_like_the_default():
-    """The forward-only candidate row measures the same selection as the default op."""
+    """The forward-only candidate rows (both epilogues) measure the default op's selection."""
     import bench_topk_encode as bench
 
     g = torch.Generator().manual_seed(0)
     x, W, b = torch.randn(9, 32, generator=g), torch.randn(2100, 32, generator=g) / 6, torch.randn(2100, generator=g)
-    got = bench.provider_fn("sae_fast_filter")(x, W, b, 16)
     want = bench.provider_fn("sae_fast")(x, W, b, 16)
-    torch.testing.assert_close(got.relu().sort(dim=1).values, want.relu().sort(dim=1).values, rtol=0, atol=0)
+    for name in ("sae_fast_filter", "sae_fast_filter_rowslots"):
+        got = bench.provider_fn(name)(x, W, b, 16)
+        torch.testing.assert_close(got.relu().sort(dim=1).values, want.relu().sort(dim=1).values, rtol=0, atol=0)
     assert "sae_fast_filter" in bench.PROVIDERS and bench.FORWARD_ONLY <= set(bench.PROVIDERS)

@@ -51,14 +51,16 @@ class _Spy:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry_slots", [True, False], ids=["entry-slots", "row-slots"])
 @pytest.mark.parametrize("dtype,biases,k", [(torch.float32, True, 8), (torch.bfloat16, True, 33),
                                             (torch.float16, False, 1)])
-def test_matches_the_fused_kernel(device, dtype, biases, k, monkeypatch):
+def test_matches_the_fused_kernel(device, entry_slots, dtype, biases, k, monkeypatch):
+    """Both epilogues (a slot atomic per candidate, or per row and tile with a cumsum)."""
     fused, filt = _modules()
     x, W, b_enc, b_dec = _inputs(19, 40, 2100, dtype, device, biases=biases)
     want = fused.topk_encode(x, W, b_enc, b_dec, k)
     spy = _Spy(monkeypatch, fused, filt)
-    _same(filt.topk_encode_filtered(x, W, b_enc, b_dec, k), want)
+    _same(filt.topk_encode_filtered(x, W, b_enc, b_dec, k, config=dict(entry_slots=entry_slots)), want)
     assert spy.rows == 0  # the probe's thresholds held for every row
     if dtype == torch.float32:  # and both are the exact top-k of the fp32 pre-activations
         pre = (x.double() - b_dec.double()) @ W.double().T + b_enc.double()
@@ -81,6 +83,9 @@ def test_thresholds_too_low_overflow_and_are_recomputed(device, monkeypatch):
     want2 = fused.topk_encode(x2, W2, b2, d2, 8)
     spy.rows = 0
     _same(filt.topk_encode_filtered(x2, W2, b2, d2, 8, cap=8), want2)
+    assert spy.rows > 0
+    spy.rows = 0  # the row-slot epilogue counts overflowing rows the same way
+    _same(filt.topk_encode_filtered(x2, W2, b2, d2, 8, cap=8, config=dict(entry_slots=False)), want2)
     assert spy.rows > 0
 
 

@@ -12,9 +12,10 @@ GEMM-sized tiles:
    the probe's GEMM and the kernel's, it is the row's threshold.
 2. ``_filter_kernel``: ``pre = x_c @ W_encᵀ + b_enc`` in [BLOCK_N, BLOCK_M] tiles (grouped
    launch order so concurrent programs share W tiles in L2); the epilogue appends the
-   entries at or above the row's threshold, as the int64 keys of ``topk_encode`` (value
-   order, smaller latent first among ties), to the row's slice of a candidate buffer
-   (one atomic per row and tile reserves the slots; a row-wise cumsum places them).
+   entries at or above the row's threshold (fp32 value, int32 latent) to the row's slice of a candidate buffer: an
+   atomic per candidate reserves its slot (``entry_slots``, the default), or one per row
+   and tile with a row-wise cumsum placing them (more registers; the bench times both).
+   The order within a row varies from run to run; the selection below does not.
 3. Exact top-k of each row's candidates (``torch.topk`` over the keys). A row whose
    candidates overflowed the buffer, or that ended with fewer than k (a margin too small
    for its rounding), is recomputed by the fused kernel: the result is always the exact
@@ -47,7 +48,7 @@ def _filter_kernel(
     stride_xn, stride_xd, stride_wm, stride_wd,
     HAS_B_ENC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     GROUP_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, ENTRY_SLOTS: tl.constexpr,
 ):
     # grouped order: GROUP_N row blocks sweep the latent tiles together, so a W tile is read
     # from memory once per group rather than once per row block
@@ -70,25 +71,40 @@ def _filter_kernel(
     thr = tl.load(thr_ptr + offs_n, mask=mask_n, other=float("inf"))
     # NaN entries are candidates too: the exact selection orders them like the fused kernel
     sel = mask_n[:, None] & mask_m[None, :] & ((acc >= thr[:, None]) | (acc != acc))
-    # one atomic per row reserves the tile's slots, a row-wise cumsum places the candidates
-    sel_i = sel.to(tl.int32)
-    count = tl.sum(sel_i, axis=1)
-    base = tl.atomic_add(count_ptr + offs_n, count, mask=mask_n & (count > 0))
-    pos = base[:, None] + tl.cumsum(sel_i, axis=1) - 1
-    ok = sel & (pos < cap)
-    # values and int32 latents, not int64 keys: fewer live registers in the epilogue (keys
-    # are formed afterwards over the few candidates)
-    row_base = offs_n[:, None].to(tl.int64) * cap
-    tl.store(cand_val_ptr + row_base + pos, acc, mask=ok)
-    tl.store(cand_idx_ptr + row_base + pos, tl.broadcast_to(offs_m[None, :], [BLOCK_N, BLOCK_M]), mask=ok)
+    if ENTRY_SLOTS:
+        # one atomic per candidate reserves its slot. On a flat view: atomics on the tile's
+        # [BLOCK_N, BLOCK_M] layout trip a Triton 3.8 layout-propagation assertion. Kernel
+        # report at 128 x 64: 144 registers against the row-slot epilogue's 243 (its cumsum).
+        flat = tl.arange(0, BLOCK_N * BLOCK_M)
+        rows = pid_n * BLOCK_N + flat // BLOCK_M
+        cols = pid_m * BLOCK_M + flat % BLOCK_M
+        fsel = tl.reshape(sel, [BLOCK_N * BLOCK_M])
+        pos = tl.atomic_add(count_ptr + rows, 1, mask=fsel, sem="relaxed")
+        ok = fsel & (pos < cap)
+        dst = rows.to(tl.int64) * cap + pos
+        tl.store(cand_val_ptr + dst, tl.reshape(acc, [BLOCK_N * BLOCK_M]), mask=ok)
+        tl.store(cand_idx_ptr + dst, cols, mask=ok)
+    else:
+        # one atomic per row reserves the tile's slots, a row-wise cumsum places the candidates
+        sel_i = sel.to(tl.int32)
+        count = tl.sum(sel_i, axis=1)
+        base = tl.atomic_add(count_ptr + offs_n, count, mask=mask_n & (count > 0))
+        pos = base[:, None] + tl.cumsum(sel_i, axis=1) - 1
+        ok = sel & (pos < cap)
+        # values and int32 latents, not int64 keys: fewer live registers in the epilogue (keys
+        # are formed afterwards over the few candidates)
+        row_base = offs_n[:, None].to(tl.int64) * cap
+        tl.store(cand_val_ptr + row_base + pos, acc, mask=ok)
+        tl.store(cand_idx_ptr + row_base + pos, tl.broadcast_to(offs_m[None, :], [BLOCK_N, BLOCK_M]), mask=ok)
 
 
 def _tile_config(interpreted: bool) -> dict:
     if interpreted:  # the interpreter runs programs one by one: small tiles
-        return dict(block_n=16, block_m=32, block_d=32, group_n=2, warps=4, stages=1)
-    # 128 rows x 64 latents, 8 warps (kernel report: sm_90 243 regs, sm_80 254, no spills; the
-    # epilogue's cumsum and store addresses spill ~2 KB at 128 x 128). Untimed.
-    return dict(block_n=128, block_m=64, block_d=64, group_n=8, warps=8, stages=3)
+        return dict(block_n=16, block_m=32, block_d=32, group_n=2, warps=4, stages=1, entry_slots=True)
+    # 128 rows x 64 latents, 8 warps, a slot atomic per candidate (kernel report: no spills;
+    # with entry_slots=False, the row cumsum, ~100 more registers; at 128 x 128 either
+    # spills). Untimed: the TopK bench times both epilogues.
+    return dict(block_n=128, block_m=64, block_d=64, group_n=8, warps=8, stages=3, entry_slots=True)
 
 
 def probe_latents(m: int, device) -> torch.Tensor:
@@ -151,7 +167,7 @@ def topk_encode_filtered(x, W_enc, b_enc, b_dec, k: int, cap: Optional[int] = No
             x_c.stride(0), x_c.stride(1), W_enc.stride(0), W_enc.stride(1),
             HAS_B_ENC=b_enc is not None, BLOCK_N=cfg["block_n"], BLOCK_M=cfg["block_m"], BLOCK_D=cfg["block_d"],
             GROUP_N=cfg["group_n"], INPUT_PRECISION="ieee" if W_enc.element_size() >= 4 else "tf32",
-            UPCAST=needs_upcast(W_enc.dtype),
+            UPCAST=needs_upcast(W_enc.dtype), ENTRY_SLOTS=cfg["entry_slots"],
             num_warps=cfg["warps"], num_stages=cfg["stages"],
         )
     redo = (count < k) | (count > cap)
@@ -167,15 +183,17 @@ def topk_encode_filtered(x, W_enc, b_enc, b_dec, k: int, cap: Optional[int] = No
 
 
 def launch_specs() -> list:
-    """The filtering GEMM's launch for the static kernel report (bf16, d a multiple of 16)."""
+    """The filtering GEMM's launches for the static kernel report (bf16, d a multiple of 16):
+    both epilogues."""
     cfg = _tile_config(False)
     return [dict(
-        name="topk_filter[bf16]", kernel=_filter_kernel,
+        name=f"topk_filter[bf16,{'entry' if entry else 'row'}-slots]", kernel=_filter_kernel,
         types=dict(x_ptr="*bf16", w_ptr="*bf16", b_enc_ptr="*bf16", thr_ptr="*fp32", count_ptr="*i32",
                    cand_val_ptr="*fp32", cand_idx_ptr="*i32", n_rows="i32", d="i32", m="i32", cap="i32",
                    stride_xn="i64", stride_wm="i64"),
         constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, BLOCK_N=cfg["block_n"], BLOCK_M=cfg["block_m"],
-                        BLOCK_D=cfg["block_d"], GROUP_N=cfg["group_n"], INPUT_PRECISION="tf32", UPCAST=False),
+                        BLOCK_D=cfg["block_d"], GROUP_N=cfg["group_n"], INPUT_PRECISION="tf32", UPCAST=False,
+                        ENTRY_SLOTS=entry),
         num_warps=cfg["warps"], num_stages=cfg["stages"], matmul=True, main=False, allow={},
         divisible=("d",),
-    )]
+    ) for entry in (True, False)]
