@@ -27,12 +27,19 @@ Only safe readers are used: safetensors, ``numpy.load(allow_pickle=False)`` and
 an unrecognised folder raises ValueError naming the file and the key. ``save`` writes the
 saelens and sparsify formats (what ``SAE.load_from_disk`` / ``SparseCoder.load_from_disk``
 read); an architecture a format cannot express raises ValueError.
+
+The module comes back in eval mode, as ``transformers``' ``from_pretrained`` does: a BatchTopK
+SAE then encodes with its stored inference threshold, which is what dictionary_learning's
+``BatchTopKSAE.encode`` and SAELens' inference saves do; call ``.train()`` to fine-tune.
+SAELens ``reshape_activations="hook_z"`` SAEs take ``[..., n_heads·d_head]`` inputs here:
+flatten the head dimensions first (the function is the same).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -180,6 +187,30 @@ def _cfg_int(cfg: dict, key: str, file: Path, default=None) -> int:
     return v
 
 
+def _cfg_bool(cfg: dict, key: str, file: Path, default: bool) -> bool:
+    """A JSON boolean; anything else (a string "false" is truthy in Python) is an error."""
+    v = cfg.get(key, default)
+    if not isinstance(v, bool):
+        raise ValueError(f"{file}: {key} must be true or false, got {v!r}")
+    return v
+
+
+def _config(file: Path, **fields) -> SAEConfig:
+    """SAEConfig whose validation errors name the file they came from."""
+    try:
+        return SAEConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: {e}") from None
+
+
+def _saelens_version_major(raw: dict) -> Optional[int]:
+    v = raw.get("sae_lens_version") or (raw.get("metadata") or {}).get("sae_lens_version")
+    try:
+        return int(str(v).split(".")[0]) if v else None
+    except ValueError:
+        return None
+
+
 class _Tensors:
     """A file's tensors, taken by key with the expected shape; keys nobody took are an error
     (an unknown key may change the function: never load it silently wrong)."""
@@ -234,7 +265,7 @@ def _build(cls, cfg: SAEConfig, tensors: dict, *, device, dtype, backend):
         for key, t in tensors.items():
             if key == "threshold":
                 # the module keeps log θ; θ <= 0 acts like 0 under relu(pre)·H(pre - θ)
-                sae.log_threshold.copy_(_f(t).clamp_min(1e-30).log())
+                sae.log_threshold.copy_(t.double().clamp_min(1e-30).log())
             elif key == "batch_threshold":
                 sae.batch_threshold.fill_(float(t))
             else:
@@ -251,9 +282,9 @@ def load(cls, path: Union[str, Path], *, device=None, dtype: torch.dtype = torch
     """``SparseAutoencoder.from_pretrained``: detect the format at ``path`` and load it."""
     fmt, where = detect_format(path)
     if fmt == "sae_fast":
-        return cls.load(where, device=device, dtype=dtype, backend=backend)
+        return cls.load(where, device=device, dtype=dtype, backend=backend).eval()
     cfg, tensors = _LOADERS[fmt](where)
-    return _build(cls, cfg, tensors, device=device, dtype=dtype, backend=backend)
+    return _build(cls, cfg, tensors, device=device, dtype=dtype, backend=backend).eval()
 
 
 def _fold_decoder_norms(t: dict) -> None:
@@ -304,9 +335,16 @@ def _load_saelens(folder: Path):
     raw = _read_json(cfg_path)
     arch = raw.get("architecture")
     fn_kwargs = raw.get("activation_fn_kwargs") or {}
-    if arch is None:  # pre-6 configs: "standard" unless the activation was topk
+    major = _saelens_version_major(raw)
+    if major is None or major < 6:
+        # SAELens rewrites pre-6 configs (no version, or below 6) as it loads them: a topk
+        # activation with a k is a TopK SAE whatever "architecture" says (old TopK saves wrote
+        # "standard"); otherwise the architecture defaults to standard.
         activation = raw.get("activation_fn", raw.get("activation_fn_str", "relu"))
-        arch = "topk" if activation == "topk" and fn_kwargs.get("k") is not None else "standard"
+        if activation == "topk" and isinstance(fn_kwargs, dict) and fn_kwargs.get("k") is not None:
+            arch = "topk"
+        elif arch is None:
+            arch = "standard"
     if arch not in _SAELENS_ARCHS:
         raise ValueError(f"{cfg_path}: architecture {arch!r} is not supported (supported: "
                          f"{sorted(_SAELENS_ARCHS)}; gated, abstopk, temporal and matching-pursuit SAEs have "
@@ -314,7 +352,7 @@ def _load_saelens(folder: Path):
     ours, transcoder, skip = _SAELENS_ARCHS[arch]
     d_in, m = _cfg_int(raw, "d_in", cfg_path), _cfg_int(raw, "d_sae", cfg_path)
     d_out = _cfg_int(raw, "d_out", cfg_path) if transcoder else d_in
-    apply_b_dec = raw.get("apply_b_dec_to_input", True)
+    apply_b_dec = _cfg_bool(raw, "apply_b_dec_to_input", cfg_path, True)
     if transcoder and apply_b_dec:
         raise ValueError(f"{cfg_path}: apply_b_dec_to_input=True is not valid for a SAELens transcoder")
     k = 32
@@ -348,11 +386,17 @@ def _load_saelens(folder: Path):
             t["W_dec"] = _f(t["W_dec"]) * _f(st.take(key, (m,)))[:, None]
     st.finish()
 
-    rescale = bool(raw.get("rescale_acts_by_decoder_norm", False))
+    rescale = _cfg_bool(raw, "rescale_acts_by_decoder_norm", cfg_path, False)
     if rescale and ours not in ("topk", "batchtopk"):
         raise ValueError(f"{cfg_path}: rescale_acts_by_decoder_norm is only defined for topk SAEs")
     input_norm = "none"
     if norm == "layer_norm":
+        if transcoder:
+            # SAELens transcoders normalise their input but never undo it on the (differently
+            # sized) output; sae_fast's layer_norm undoes it, so the functions would differ
+            raise ValueError(f"{cfg_path}: normalize_activations='layer_norm' on a SAELens transcoder normalises the "
+                             "input only, which sae_fast's input_norm (normalise, then un-normalise the output) "
+                             "cannot express")
         input_norm = "layer_norm"  # SAELens' LN is OpenAI's: eps 1e-5, unbiased std
     elif norm in ("expected_average_only_in", "covariance_whitening"):
         rescale = _fold_saelens_scaler(folder, cfg_path, norm, t, apply_b_dec, skip, transcoder, rescale)
@@ -361,9 +405,9 @@ def _load_saelens(folder: Path):
                          "each row at run time and cannot be folded into the weights)")
     if rescale:
         _fold_decoder_norms(t)
-    cfg = SAEConfig(d_in=d_in, num_latents=m, architecture=ours, k=k,
-                    d_out=d_out if transcoder else None, skip_connection=skip,
-                    apply_b_dec_to_input=bool(apply_b_dec), input_norm=input_norm)
+    cfg = _config(cfg_path, d_in=d_in, num_latents=m, architecture=ours, k=k,
+                  d_out=d_out if transcoder else None, skip_connection=skip,
+                  apply_b_dec_to_input=apply_b_dec, input_norm=input_norm)
     return cfg, t
 
 
@@ -421,7 +465,8 @@ def _load_sparsify(folder: Path):
     d = _cfg_int(raw, "d_in", cfg_path)
     m = _cfg_int(raw, "num_latents", cfg_path) or d * _cfg_int(raw, "expansion_factor", cfg_path)
     k = _cfg_int(raw, "k", cfg_path)
-    transcode, skip = bool(raw["transcode"]), bool(raw["skip_connection"])
+    transcode = _cfg_bool(raw, "transcode", cfg_path, False)
+    skip = _cfg_bool(raw, "skip_connection", cfg_path, False)
     st = _Tensors(w_path, _read_safetensors(w_path))
     if st.has("encoder.weight") or not st.has("W_enc"):
         t = {"W_enc": st.take("encoder.weight", (m, d), "[num_latents, d_in]"),
@@ -434,8 +479,8 @@ def _load_sparsify(folder: Path):
         t["W_skip"] = st.take("W_skip", (d, d))
     st.finish()
     # sparsify subtracts b_dec from the input unless transcoding
-    cfg = SAEConfig(d_in=d, num_latents=m, architecture="topk", k=k, skip_connection=skip,
-                    apply_b_dec_to_input=not transcode)
+    cfg = _config(cfg_path, d_in=d, num_latents=m, architecture="topk", k=k, skip_connection=skip,
+                  apply_b_dec_to_input=not transcode)
     return cfg, t
 
 
@@ -465,12 +510,19 @@ def _load_dictionary_learning(file: Path):
         k = _dl_int_buffer(st, "k", file)
         if "k" in trainer and trainer["k"] != k:
             raise ValueError(f"{file}: k buffer is {k} but {cfg_path} says k={trainer['k']}")
-        threshold = st.take("threshold", (), "the inference threshold buffer")
         arch = "topk" if dict_class == "AutoEncoderTopK" else "batchtopk"
-        if arch == "batchtopk":
-            # its inference threshold; < 0 means unset in both libraries, but then its default
-            # encode keeps every positive activation where ours keeps the batch top-k
+        if arch == "topk":
+            if st.has("threshold"):  # only its non-default use_threshold=True encode reads it
+                st.take("threshold", (), "the inference threshold buffer")
+        else:
+            threshold = st.take("threshold", (), "the BatchTopK inference threshold buffer")
             t["batch_threshold"] = threshold
+            if float(threshold) < 0:
+                # < 0 means unset in both libraries (a checkpoint saved before threshold_start_step),
+                # but there its encode keeps every positive activation where ours keeps the batch top-k
+                warnings.warn(f"{file}: this BatchTopKSAE has no inference threshold yet (threshold="
+                              f"{float(threshold)}); dictionary_learning's encode would keep every positive "
+                              "pre-activation, sae_fast's keeps the batch top-k", stacklevel=3)
         cfg = dict(architecture=arch, k=k, apply_b_dec_to_input=True)
     elif dict_class == "JumpReluAutoEncoder":
         d, m = st.shape_of("W_enc", 2)
@@ -494,7 +546,7 @@ def _load_dictionary_learning(file: Path):
     for key, got in (("activation_dim", d), ("dict_size", m)):
         if key in trainer and trainer[key] != got:
             raise ValueError(f"{cfg_path}: {key}={trainer[key]} but {file} holds {got}")
-    return SAEConfig(d_in=d, num_latents=m, **cfg), t
+    return _config(cfg_path if cfg_path.is_file() else file, d_in=d, num_latents=m, **cfg), t
 
 
 def _dl_int_buffer(st: _Tensors, key: str, file: Path) -> int:
@@ -534,8 +586,8 @@ def _load_gemma_scope(file: Path):
          "W_dec": st.take("W_dec", (m, d_out), "[d_sae, d_out]"), "b_dec": st.take("b_dec", (d_out,)),
          "threshold": st.take("threshold", (m,))}
     st.finish()
-    cfg = SAEConfig(d_in=d, num_latents=m, architecture="jumprelu", apply_b_dec_to_input=False,
-                    d_out=d_out if d_out != d else None)
+    cfg = _config(file, d_in=d, num_latents=m, architecture="jumprelu", apply_b_dec_to_input=False,
+                  d_out=d_out if d_out != d else None)
     return cfg, t
 
 
@@ -566,9 +618,9 @@ def _load_openai(file: Path):
             raise ValueError(f"{file}: activation_state_dict.postact_fn={post!r} is not supported (sae_fast's TopK "
                              "applies ReLU to the kept values)")
         # OpenAI normalises inputs exactly when the activation is TopK (Autoencoder.from_state_dict)
-        cfg = SAEConfig(d_in=d, num_latents=m, architecture="topk", k=k, input_norm="layer_norm")
+        cfg = _config(file, d_in=d, num_latents=m, architecture="topk", k=k, input_norm="layer_norm")
     elif activation == "ReLU":
-        cfg = SAEConfig(d_in=d, num_latents=m, architecture="relu")
+        cfg = _config(file, d_in=d, num_latents=m, architecture="relu")
     else:
         raise ValueError(f"{file}: activation {activation!r} is not supported (TopK or ReLU)")
     return cfg, t
@@ -621,6 +673,9 @@ def _save_saelens(sae):
                              "(batch_threshold < 0); SAELens stores BatchTopK as JumpReLU with that threshold")
         arch = ("jumprelu_skip_transcoder" if c.skip_connection else "jumprelu_transcoder") if transcoder \
             else "jumprelu"
+    if transcoder and c.input_norm != "none":
+        raise ValueError("save(format='saelens'): SAELens transcoders normalise their input without undoing it on the "
+                         f"output, but this SAE's input_norm={c.input_norm!r} undoes it")
     if transcoder and c.apply_b_dec_to_input:
         raise ValueError("save(format='saelens'): SAELens transcoders and skip transcoders never subtract b_dec "
                          "from their input, but this SAE does (apply_b_dec_to_input=True)")

@@ -111,7 +111,10 @@ class SparseAutoencoder(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_out, **kw))
         self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, **kw)) if cfg.skip_connection else None
         if cfg.architecture == "jumprelu":
-            self.log_threshold = nn.Parameter(torch.full((m,), math.log(cfg.initial_threshold), **kw))
+            # at least fp32: a 16-bit log θ puts exp(log θ) up to 3 bf16 ulps from the θ it was
+            # made from; in fp32, θ is within an fp32 ulp and rounds to the same 16-bit value
+            self.log_threshold = nn.Parameter(torch.full((m,), math.log(cfg.initial_threshold), device=device,
+                                                         dtype=torch.promote_types(dtype, torch.float32)))
         # BatchTopK inference threshold (a running estimate the trainer updates); < 0: unset
         self.register_buffer("batch_threshold", torch.tensor(-1.0, **kw), persistent=True)
         if init:
@@ -350,13 +353,18 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"SparseAutoencoder.load: {cfg_path} has unknown fields {unknown}")
         try:
             cfg = SAEConfig(**{k: v for k, v in raw.items() if k in fields})
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ValueError(f"SparseAutoencoder.load: {cfg_path}: {e}") from None
         try:
             tensors = load_file(str(weights_path))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"SparseAutoencoder.load: {weights_path} is not a readable safetensors file: {e}") from None
-        dtype = dtype or getattr(torch, raw.get("dtype", "float32"), torch.float32)
+        if dtype is None:
+            name = raw.get("dtype", "float32")
+            dtype = getattr(torch, name, None) if isinstance(name, str) else None
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(f"SparseAutoencoder.load: {cfg_path}: dtype {name!r} is not a torch floating-point "
+                                 "dtype name (e.g. \"float32\", \"bfloat16\")")
         sae = cls(cfg, device=device, dtype=dtype, init=False, backend=backend)
         m, d_in, d_out = cfg.num_latents, cfg.d_in, cfg.output_dim
         want = {"W_enc": (m, d_in), "b_enc": (m,), "W_dec": (m, d_out), "b_dec": (d_out,)}
@@ -377,7 +385,7 @@ class SparseAutoencoder(nn.Module):
                     raise ValueError(f"SparseAutoencoder.load: {weights_path}: {key} has shape {tuple(t.shape)}, "
                                      f"cfg.json implies {shape}")
                 if key == "threshold":
-                    sae.log_threshold.copy_(t.clamp_min(1e-30).log())
+                    sae.log_threshold.copy_(t.double().clamp_min(1e-30).log())
                 else:
                     getattr(sae, key).copy_(t)
         return sae

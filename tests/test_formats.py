@@ -153,6 +153,8 @@ def test_saelens_batchtopk_training_and_inference_checkpoints(sae_lens, tmp_path
 
     ours = _load(tmp_path / "train")
     assert ours.cfg.architecture == "batchtopk" and float(ours.batch_threshold) == pytest.approx(0.4)
+    assert not ours.training  # from_pretrained returns eval mode; SAELens' training object selects per batch
+    ours.train()
     with torch.no_grad():
         batch_acts = lib.encode(x)  # the batch top-k selection
         torch.testing.assert_close(_dense(ours.encode(x), M), batch_acts, **TOL)
@@ -185,6 +187,8 @@ def test_saelens_training_checkpoints(sae_lens, tmp_path, arch):
             lib.threshold.copy_(torch.rand(M, generator=_gen(3)) * 0.3)
     lib.save_model(tmp_path / "ck")
     ours = _load(tmp_path / "ck")
+    if arch == "matryoshka_batchtopk":
+        ours.train()  # compared with the training object, which selects per batch (eval uses the threshold)
     x = _x()
     with torch.no_grad():
         acts = lib.encode(x)
@@ -358,7 +362,8 @@ def test_dictionary_learning(dl, tmp_path, dict_class):
         if dict_class == "JumpReluAutoEncoder":
             ae.threshold.copy_(torch.rand(M, generator=_gen(4)) * 0.3)
     folder = _dl_save(ae, tmp_path / "trainer_0", dict_class, **({"k": K} if topk else {}))
-    ours = _load(folder).eval()
+    ours = _load(folder)
+    assert not ours.training  # eval, like transformers: BatchTopKSAE's default encode uses its threshold
     x = _x(n=12)
     with torch.no_grad():
         _check(ours, x, ae.encode(x), ae(x))
@@ -546,3 +551,118 @@ def test_unrecognised_folder(tmp_path):
         _load(tmp_path / "nope")
     with pytest.raises(ValueError, match="format must be one of"):
         SparseAutoencoder(SAEConfig(d_in=D, num_latents=M, k=K)).save(tmp_path / "z", format="onnx")
+
+
+# ---------------------------------------------------------------------------------------------
+# conventions that are easy to lose: old configs, exact thresholds, strict booleans, errors that
+# name the file
+
+
+def test_saelens_pre6_topk_config(sae_lens, tmp_path):
+    """SAELens < 6 wrote TopK SAEs as architecture "standard" + activation_fn_str "topk"; SAELens
+    still loads them as TopK (handle_pre_6_0_config), and so must we."""
+    lib = _saelens_sae(sae_lens, "topk", k=K)
+    lib.save_model(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "cfg.json").read_text())
+    for key in ("metadata", "k", "rescale_acts_by_decoder_norm", "sae_lens_version"):
+        cfg.pop(key, None)
+    cfg.update(architecture="standard", activation_fn_str="topk", activation_fn_kwargs={"k": K},
+               sae_lens_training_version="5.5.0")
+    (tmp_path / "old" / "cfg.json").write_text(json.dumps(cfg))
+    ref = sae_lens.SAE.load_from_disk(tmp_path / "old")
+    ours = _load(tmp_path / "old")
+    assert ours.cfg.architecture == "topk" and ours.cfg.k == K
+    x = _x()
+    with torch.no_grad():
+        _check(ours, x, ref.encode(x), ref(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_jumprelu_thresholds_load_exactly(tmp_path, dtype):
+    """The module trains log θ (kept in fp32 at least); loading θ must not move it: in 16 bits the
+    thresholds equal the file's rounded to that dtype; in fp32 exp(fp32(log θ)) can only be as
+    close as the log's rounding allows, |log θ|/2 ulps, plus the exp's own."""
+    g = _gen(21)
+    m = 256
+    theta = torch.rand(m, generator=g) * 0.5 + 1e-3
+    arrays = {"W_enc": torch.randn(D, m, generator=g), "b_enc": torch.randn(m, generator=g),
+              "W_dec": torch.randn(m, D, generator=g), "b_dec": torch.randn(D, generator=g), "threshold": theta}
+    np.savez(tmp_path / "params.npz", **{k: v.numpy() for k, v in arrays.items()})
+    ours = _load(tmp_path / "params.npz", dtype=dtype)
+    got = ours.threshold.detach()
+    if dtype == torch.float32:
+        rel = ((got.double() - theta.double()) / theta.double()).abs()
+        assert bool((rel <= 2.0 ** -24 * (theta.double().log().abs() + 2)).all())
+    else:
+        assert torch.equal(got.to(dtype), theta.to(dtype))
+    ours.save(tmp_path / "back")  # our own format keeps them as well
+    back = SparseAutoencoder.load(tmp_path / "back", backend="reference")
+    assert torch.equal(back.threshold.detach().to(dtype), got.to(dtype))
+
+
+def test_dictionary_learning_batchtopk_without_threshold_warns(dl, tmp_path):
+    from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
+
+    ae = BatchTopKSAE(D, M, K)  # threshold -1: saved before the trainer's threshold_start_step
+    _randomise(dict(ae.named_parameters()))
+    folder = _dl_save(ae, tmp_path / "early", "BatchTopKSAE", k=K)
+    with pytest.warns(UserWarning, match="no inference threshold yet"):
+        ours = _load(folder)
+    assert float(ours.batch_threshold) < 0
+
+
+def test_dictionary_learning_topk_without_threshold_buffer(dl, tmp_path):
+    """AutoEncoderTopK's threshold buffer only serves its non-default encode; files from versions
+    without it load."""
+    from dictionary_learning.trainers.top_k import AutoEncoderTopK
+
+    ae = AutoEncoderTopK(D, M, K)
+    _randomise(dict(ae.named_parameters()))
+    folder = _dl_save(ae, tmp_path / "t", "AutoEncoderTopK", k=K)
+    sd = torch.load(folder / "ae.pt", weights_only=True)
+    del sd["threshold"]
+    torch.save(sd, folder / "ae.pt")
+    x = _x()
+    with torch.no_grad():
+        _check(_load(folder), x, ae.encode(x), ae(x))
+
+
+def test_config_values_are_checked_and_errors_name_the_file(sae_lens, sparsify, tmp_path):
+    lib = _saelens_sae(sae_lens, "topk", k=K)
+    lib.save_model(tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    for bad, match in [({"apply_b_dec_to_input": "false"}, "apply_b_dec_to_input must be true or false"),
+                       ({"rescale_acts_by_decoder_norm": "false"}, "rescale_acts_by_decoder_norm must be true"),
+                       ({"k": M + 1}, f"k={M + 1} exceeds num_latents={M}")]:
+        (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, **bad}))
+        with pytest.raises(ValueError, match=match) as err:
+            _load(tmp_path / "s")
+        assert str(tmp_path / "s" / "cfg.json") in str(err.value)
+
+    _sparsify_coder(sparsify, num_latents=M).save_to_disk(tmp_path / "p")
+    cfg = json.loads((tmp_path / "p" / "cfg.json").read_text())
+    (tmp_path / "p" / "cfg.json").write_text(json.dumps({**cfg, "transcode": "false"}))
+    with pytest.raises(ValueError, match="transcode must be true or false"):
+        _load(tmp_path / "p")
+
+    SparseAutoencoder(SAEConfig(d_in=D, num_latents=M, k=K)).save(tmp_path / "o")
+    cfg = json.loads((tmp_path / "o" / "cfg.json").read_text())
+    for bad, match in [({"dtype": "float33"}, "dtype 'float33'"), ({"k": M + 1}, "exceeds num_latents")]:
+        (tmp_path / "o" / "cfg.json").write_text(json.dumps({**cfg, **bad}))
+        with pytest.raises(ValueError, match=match) as err:
+            SparseAutoencoder.load(tmp_path / "o")
+        assert "cfg.json" in str(err.value)
+
+
+def test_saelens_transcoder_layer_norm_is_refused(sae_lens, tmp_path):
+    """SAELens transcoders normalise their input and never undo it on the output; our input_norm
+    undoes it, so neither direction can be expressed faithfully."""
+    lib = _saelens_sae(sae_lens, "transcoder", d_out=23, apply_b_dec_to_input=False,
+                       normalize_activations="layer_norm")
+    lib.save_model(tmp_path / "tc")
+    with pytest.raises(ValueError, match="normalises the input only"):
+        _load(tmp_path / "tc")
+    ours = SparseAutoencoder(SAEConfig(d_in=D, num_latents=M, architecture="relu", d_out=23,
+                                       apply_b_dec_to_input=False, input_norm="layer_norm"))
+    with pytest.raises(ValueError, match="never undoes|without undoing"):
+        ours.save(tmp_path / "x", format="saelens")
