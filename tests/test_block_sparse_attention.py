@@ -599,6 +599,28 @@ def test_block_mask_matches_flex_attention(backend, device):
     assert is_causal and (bq, bk) == (64, 64) and ci.shape[-1] == 0
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_block_mask_shared_over_batch_and_heads_evaluates_each(backend, device):
+    """A mask built with B = H = None shares its block lists (taken at b = h = 0), but
+    FlexAttention evaluates the mask_mod with the real (b, h) inside partial blocks: here batch
+    1 drops its 4th diagonal block and head 1 its 3rd, which must not be read at (0, 0)."""
+    fa = _flex()
+    B, Hq, Hkv, T, D = 2, 2, 1, 64, 16
+    q, k, v = qkv(B, Hq, Hkv, T, T, D, device=device)
+
+    def causal_with_holes(b, h, qi, ki):
+        own = qi // 16 == ki // 16
+        return (qi >= ki) & ~((b == 1) & own & (qi // 16 == 3)) & ~((h == 1) & own & (qi // 16 == 2))
+
+    bm = fa.create_block_mask(causal_with_holes, None, None, T, T, device=device, BLOCK_SIZE=16)
+    out, lse = block_mask_attention(q, k, v, bm, backend=backend)
+    want = fa.flex_attention(q.detach(), k.detach(), v.detach(), block_mask=bm, enable_gqa=True)
+    assert rel_err(out, want) < 2e-6
+    with pytest.raises(TypeError, match="must be a torch.nn.attention.flex_attention.BlockMask"):
+        block_mask_attention(q, k, v, None)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_block_mask_rejects_row_dependent_partial_blocks():
     fa = _flex()

@@ -215,7 +215,8 @@ def block_sparse_attention(
             int32 or int64, any strides. Entries beyond the counts are ignored, counts are
             clipped to ``[0, MAX_*]``, and keys outside ``[0, S)`` are ignored. The caller
             guarantees that no key is listed twice for one query block (a key listed twice
-            would count twice in the forward).
+            would count twice in the forward, and the gradients would then be undefined: the
+            Triton backward merges duplicates, the reference counts a key once).
         causal: also mask keys ``j > i + (S - T)`` (bottom-right aligned, as flash-attn).
         scale: softmax scale, default ``D ** -0.5``.
         block_m, block_n: the index's block sizes, powers of two in [16, 256].
@@ -229,6 +230,11 @@ def block_sparse_attention(
         inputs), the natural-log sum of ``exp(scale · q·k)`` over the attended keys. A row that
         sees no key has out = 0 and lse = -inf (no NaN, zero gradients). Differentiable in
         q, k and v through both outputs (once: no double backward).
+
+    K and V must be finite everywhere in ``[0, S)``, padding included: as in flash attention, a
+    masked-out key inside a loaded tile still meets the probabilities as 0·v, so a NaN or inf
+    there reaches rows that never attend it (zero-fill padding). Rows past a sequence's real
+    length inside its last query block are computed like any other row; mask them in the loss.
     """
     check_inputs(q, k, v, block_count, block_offset, column_count, column_index, scale, block_m, block_n)
     resolved = _resolve(backend, q.device, q.dtype)
@@ -256,10 +262,11 @@ def block_mask_to_index(block_mask, B: int, H: int, T: int, S: int, *, chunk: in
     """Convert a FlexAttention ``BlockMask`` into this op's index.
 
     Full blocks become aligned ranges. Partial blocks (those FlexAttention evaluates its
-    mask_mod on) are evaluated here once, on their in-bounds positions, and must each be
+    mask_mod on) are evaluated here once per (batch, head), on their in-bounds positions, as
+FlexAttention does (also for a mask shared over B or H), and must each be
     all-True (kept as a range), all-False (dropped) or exactly the causal restriction of the
     block (``kv <= q + S - T``, bottom-right; for T == S that is the usual ``q >= kv``) — the
-    common case of causal, sliding-window-on-blocks and document-causal masks. Any other
+    common case of causal, block-aligned sliding-window and block-aligned document-causal masks. Any other
     partial block (a row-dependent pattern our per-block key lists cannot express) raises
     ValueError. When causal blocks occur, the kernel runs with ``causal=True`` and every
     other kept block must lie at or below the diagonal.
@@ -268,6 +275,9 @@ def block_mask_to_index(block_mask, B: int, H: int, T: int, S: int, *, chunk: in
     block_n)``, index tensors int32 ``[B, H, NQB, ...]`` (no columns). Reads the mask on the
     host side (device syncs): convert once, reuse the index.
     """
+    if not all(hasattr(block_mask, a) for a in ("BLOCK_SIZE", "kv_num_blocks", "kv_indices", "mask_mod")):
+        raise TypeError("block_mask_attention: block_mask must be a torch.nn.attention.flex_attention.BlockMask "
+                        f"(create_block_mask), got {type(block_mask).__name__}")
     bq, bk = block_mask.BLOCK_SIZE if isinstance(block_mask.BLOCK_SIZE, tuple) else (block_mask.BLOCK_SIZE,) * 2
     bq, bk = int(bq), int(bk)
     lengths = getattr(block_mask, "seq_lengths", None)  # torch < 2.6: only the padded block grid
@@ -285,11 +295,16 @@ def block_mask_to_index(block_mask, B: int, H: int, T: int, S: int, *, chunk: in
         raise ValueError(f"block_mask_attention: block_mask has {nqb} query blocks, expected cdiv({T}, {bq})")
     dev = num.device
     nk = idx.shape[-1]
+    mask_mod = block_mask.mask_mod
+    if mask_mod is not None and (Bm, Hm) != (B, H):
+        # A mask shared over batch or heads (B or H None in create_block_mask) shares its block
+        # lists, but FlexAttention evaluates the mask_mod inside partial blocks with each real
+        # (b, h): so must we, or a b- or h-dependent mask_mod is read at (0, 0) for everyone.
+        num, idx = num.expand(B, H, nqb), idx.expand(B, H, nqb, nk)
     listed = torch.arange(nk, device=dev) < num[..., None].long()
     keep = listed.clone()
     causal_blocks = torch.zeros_like(listed)
     pos = listed.nonzero()  # [P, 4]: b, h, qb, slot
-    mask_mod = block_mask.mask_mod
     ar_q = torch.arange(bq, device=dev)
     ar_k = torch.arange(bk, device=dev)
     for c0 in range(0, pos.shape[0], chunk):
@@ -320,9 +335,11 @@ def block_mask_to_index(block_mask, B: int, H: int, T: int, S: int, *, chunk: in
     if block_mask.full_kv_num_blocks is not None:
         fnum, fidx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
         flisted = torch.arange(fidx.shape[-1], device=dev) < fnum[..., None].long()
-        keep = torch.cat([keep, flisted], -1)
-        causal_blocks = torch.cat([causal_blocks, torch.zeros_like(flisted)], -1)
-        offsets = torch.cat([offsets, fidx.long()], -1)
+        lead = torch.broadcast_shapes(keep.shape[:3], flisted.shape[:3])
+        grow = lambda t: t.expand(*lead, t.shape[-1])  # noqa: E731  (one side may be shared over b/h)
+        keep = torch.cat([grow(keep), grow(flisted)], -1)
+        causal_blocks = torch.cat([grow(causal_blocks), grow(torch.zeros_like(flisted))], -1)
+        offsets = torch.cat([grow(offsets), grow(fidx.long())], -1)
     causal = bool(causal_blocks.any())
     if causal:
         # every kept non-causal block must be entirely visible under the causal mask
