@@ -4,7 +4,8 @@ Program (row block, latent split) computes ``pre = (x - b_dec) @ W_encᵀ + b_en
 [BLOCK_N, BLOCK_M] tile at a time with ``tl.dot`` (the launcher forms ``x - b_dec`` once,
 ``encoder_tile.centered_input``) and keeps the active entries,
 ``pre > threshold`` and (with RELU) ``pre > 0`` (``relu(pre)·H(pre - θ)`` is non-zero
-exactly there; the threshold is one scalar, or one per latent for JumpReLU). With HAS_BAND
+exactly there; the threshold is one scalar, or one per latent for JumpReLU), and every NaN
+``pre``, so NaN inputs reach the output. With HAS_BAND
 it also keeps every entry within ``half_band`` of the threshold, active or not (JumpReLU
 training needs them for the straight-through threshold gradient); with DENSE_OUT it also
 writes the dense activations. Kept entries are appended to
@@ -26,6 +27,14 @@ from .sparse_gather import _device_ctx, _interpreted, needs_upcast
 
 
 @triton.jit
+def _round_to_bf16(v):
+    """fp32 -> the nearest bf16 value (ties to even), still as fp32; NaN stays NaN."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _threshold_select_kernel(
     x_ptr, w_ptr, b_enc_ptr, thr_ptr, val_ptr, idx_ptr, count_ptr, dense_ptr,
     n_rows, d, m, latents_per_split, capacity, half_band,
@@ -33,7 +42,7 @@ def _threshold_select_kernel(
     HAS_B_ENC: tl.constexpr, THR_PER_LATENT: tl.constexpr,
     RELU: tl.constexpr, HAS_BAND: tl.constexpr, DENSE_OUT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -54,26 +63,32 @@ def _threshold_select_kernel(
                                stride_xn, stride_xd, stride_wm, stride_wd, HAS_B_ENC,
                                BLOCK_N, BLOCK_M, BLOCK_D, INPUT_PRECISION, UPCAST)
         # Compare in the output dtype, as a dense computation in that dtype would.
-        pre = acc.to(val_ptr.dtype.element_ty)
         if THR_PER_LATENT:
             thr = tl.load(thr_ptr + offs_m, mask=mask_m, other=0.0)[None, :]
         else:
             thr = thr_scalar.to(val_ptr.dtype.element_ty)
+        if EMULATE_BF16:
+            # Triton's interpreter truncates fp32 -> bf16 and orders bf16 values of opposite sign
+            # wrongly: round to nearest even by hand and compare the (exact) bf16 values in fp32
+            pre = _round_to_bf16(acc)
+            thr = thr.to(tl.float32)
+        else:
+            pre = acc.to(val_ptr.dtype.element_ty)
         valid = mask_n[:, None] & mask_m[None, :]
         active = pre > thr
         if RELU:
             active = active & (pre > 0)
-        active = valid & active
+        active = valid & (active | (pre != pre))  # NaN is kept: it must reach the output
         if DENSE_OUT:
-            tl.store(dense_ptr + offs_n[:, None].to(tl.int64) * m + offs_m[None, :], tl.where(active, pre, 0.0),
-                     mask=valid)
+            tl.store(dense_ptr + offs_n[:, None].to(tl.int64) * m + offs_m[None, :],
+                     tl.where(active, pre, 0.0).to(dense_ptr.dtype.element_ty), mask=valid)
         keep = active
         if HAS_BAND:  # also the entries within the band around the threshold, active or not
             keep = keep | (valid & (tl.abs(pre.to(tl.float32) - thr.to(tl.float32)) < half_band))
         keep_i = keep.to(tl.int32)
         pos = count[:, None] + tl.cumsum(keep_i, axis=1) - 1
         store = keep & (pos < capacity)
-        tl.store(val_ptr + slot[:, None] + pos, pre, mask=store)
+        tl.store(val_ptr + slot[:, None] + pos, pre.to(val_ptr.dtype.element_ty), mask=store)
         tl.store(idx_ptr + slot[:, None] + pos, offs_m[None, :] + 0 * pos, mask=store)
         count += tl.sum(keep_i, axis=1)
     tl.store(count_ptr + offs_n.to(tl.int64) * n_splits + split, count, mask=mask_n)
@@ -106,7 +121,7 @@ def _launch(x, W_enc, b_enc, threshold, capacity: int, splits: Optional[int], re
             block_n, block_m, block_d = config["block_n"], config["block_m"], config["block_d"]
             warps, stages = config["warps"], config["stages"]
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        auto_splits = max(1, min(triton.cdiv(m, 4 * block_m), triton.cdiv(2 * sms, triton.cdiv(n, block_n))))
+        auto_splits = max(1, min(triton.cdiv(m, 4 * block_m), triton.cdiv(2 * sms, max(1, triton.cdiv(n, block_n)))))
     splits = splits or auto_splits
     latents_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, latents_per_split)
@@ -126,7 +141,8 @@ def _launch(x, W_enc, b_enc, threshold, capacity: int, splits: Optional[int], re
             RELU=relu, HAS_BAND=half_band is not None, DENSE_OUT=dense is not None,
             BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
             INPUT_PRECISION="ieee" if W_enc.element_size() >= 4 else "tf32",
-            UPCAST=needs_upcast(W_enc.dtype), num_warps=warps, num_stages=stages,
+            UPCAST=needs_upcast(W_enc.dtype), EMULATE_BF16=needs_upcast(out_dtype),
+            num_warps=warps, num_stages=stages,
         )
     return values, indices, counts
 
@@ -164,7 +180,11 @@ def threshold_encode(
     block_d, warps, stages: benchmarks/tune_threshold_encode.py)."""
     n = x.shape[0]
     out_dtype = x.dtype
+    if n == 0:  # before the launch heuristics, which divide by the number of row blocks
+        return (x.new_empty((0,)), x.new_empty((0,), dtype=torch.int64),
+                torch.zeros(1, device=x.device, dtype=torch.int64))
     threshold = threshold.to(out_dtype).contiguous()
+    b_enc = b_enc.contiguous() if b_enc is not None else None  # encoder_pre_tile reads it at unit stride
     x = centered_input(x, b_dec, W_enc.dtype)
     values, indices, counts = _launch(x, W_enc, b_enc, threshold, capacity, splits, relu, half_band, dense,
                                       config, out_dtype)
@@ -207,7 +227,7 @@ def launch_specs() -> list:
                            stride_xn="i64", stride_wm="i64"),
                 constexprs=dict(stride_xd=1, stride_wd=1, HAS_B_ENC=True, **flags, BLOCK_N=block_n,
                                 BLOCK_M=block_m, BLOCK_D=block_d, INPUT_PRECISION="ieee" if elem >= 4 else "tf32",
-                                UPCAST=False),
+                                UPCAST=False, EMULATE_BF16=False),
                 num_warps=warps, num_stages=stages, matmul=dt == "bf16", main=dt == "bf16",
                 divisible=("n_rows", "d", "m", "latents_per_split"),  # N=8192, d=2304, M=131072
                 allow=_allowances(dt, flags["DENSE_OUT"]),

@@ -21,7 +21,7 @@ the BLOCK_M best entries per row:
 Each program sorts its list once at the end and writes the best K_PAD keys per row to
 ``partial [N, splits, K_PAD]``; the launcher merges the splits with one ``torch.topk`` over
 ``splits·K_PAD`` keys per row, so the extra memory is O(N·k·splits). Ties are decided on
-the fp32 pre-activation. With ``HAS_AUX`` the same tiles also feed a second list
+the fp32 pre-activation; NaN ranks above every number. With ``HAS_AUX`` the same tiles also feed a second list
 restricted to dead latents (AuxK).
 """
 
@@ -42,8 +42,10 @@ _LOW_MASK = 0xFFFFFFFF
 
 @triton.jit
 def _keys(pre, latent, valid):
-    """int64 keys ordered like (pre descending, latent ascending); invalid entries -> KEY_MIN."""
-    bits = pre.to(tl.int32, bitcast=True)
+    """int64 keys ordered like (pre descending, latent ascending); invalid entries -> KEY_MIN.
+    Every NaN becomes the positive quiet NaN, which ranks above +inf (torch.topk's order):
+    a NaN with its sign bit set would otherwise rank below -inf."""
+    bits = tl.where(pre != pre, 0x7FC00000, pre.to(tl.int32, bitcast=True))
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
     low = 4294967295 - latent.to(tl.int64)
     key = (ordered.to(tl.int64) << 32) | low
@@ -153,7 +155,7 @@ def _config(n: int, m: int, k_pad: int, elem_size: int, interpreted: bool, has_a
                     sort_above=_SORT_ABOVE)
     device = torch.device("cuda", torch.cuda.current_device()) if device is None else device
     block_n, block_m, block_d, warps, stages = _tile_config(k_pad, elem_size, has_aux, config_arch(device))
-    n_blocks = triton.cdiv(n, block_n)
+    n_blocks = max(1, triton.cdiv(n, block_n))
     # Enough programs to fill the GPU, each with at least a few latent tiles.
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     splits = max(1, min(triton.cdiv(m, 4 * block_m), triton.cdiv(2 * sms, n_blocks)))
@@ -180,8 +182,13 @@ def topk_encode(
     n, d = x.shape
     m = W_enc.shape[0]
     out_dtype = x.dtype
-    x = centered_input(x, b_dec, W_enc.dtype)
     has_aux = dead_mask is not None and k_aux > 0
+    if n == 0:
+        k_out = k_aux if has_aux else 0
+        return (x.new_empty((0, k)), x.new_empty((0, k), dtype=torch.int64), x.new_empty((0, k_out)),
+                x.new_empty((0, k_out), dtype=torch.int64))
+    x = centered_input(x, b_dec, W_enc.dtype)
+    b_enc = b_enc.contiguous() if b_enc is not None else None  # encoder_pre_tile reads it at unit stride
     k_pad = triton.next_power_of_2(max(k, k_aux if has_aux else 1))
     cfg = _config(n, m, k_pad, W_enc.element_size(), _interpreted(), has_aux, x.device)
     cfg.update(config or {})

@@ -154,6 +154,7 @@ def topk_encode_filtered(x, W_enc, b_enc, b_dec, k: int, cap: Optional[int] = No
     if cap < k:
         raise ValueError(f"topk_encode_filtered: cap ({cap}) must be at least k ({k})")
     x_c = centered_input(x, b_dec, W_enc.dtype)
+    b_enc = b_enc.contiguous() if b_enc is not None else None  # encoder_pre_tile reads it at unit stride
     thr = row_thresholds(x_c, W_enc, b_enc, k).contiguous()
     count = torch.zeros(n, device=x.device, dtype=torch.int32)
     cand_val = torch.empty((n, cap), device=x.device, dtype=torch.float32)

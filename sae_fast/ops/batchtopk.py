@@ -69,7 +69,8 @@ def _candidates(x, W_enc, b_enc, b_dec, c, backend, dead_mask=None, k_aux=0):
                           k_aux=k_aux if want_aux else 0)
         if sel.aux_pre is None:
             return sel.pre, sel.indices, x.new_zeros((x.shape[0], 0)), sel.indices.new_zeros((x.shape[0], 0))
-        return sel.pre, sel.indices, sel.aux_pre.masked_fill(torch.isinf(sel.aux_pre), 0), sel.aux_indices
+        missing = torch.arange(sel.aux_pre.shape[1], device=x.device) >= dead_mask.sum()  # (not a real ±inf)
+        return sel.pre, sel.indices, sel.aux_pre.masked_fill(missing, 0), sel.aux_indices
     from ..triton_kernels import topk_encode as fused
 
     if not want_aux:
@@ -85,12 +86,15 @@ def _batch_select(x, W_enc, b_enc, b_dec, k, backend, dead_mask=None, k_aux=0):
     pre, idx, aux_pre, aux_idx = _candidates(x, W_enc, b_enc, b_dec, cap, backend, dead_mask, k_aux)
     vals, lats = pre.reshape(-1), idx.reshape(-1)
     rows = torch.arange(n, device=x.device).repeat_interleave(cap)
+    # NaN ranks above every number (torch.topk's order, and topk_encode's): a row with NaN input
+    # keeps NaN codes, so the loss shows it, rather than a NaN v* silently emptying every row.
+    rank = lambda v: v.masked_fill(torch.isnan(v), float("inf"))  # noqa: E731
     caps = torch.full((n,), cap, device=x.device, dtype=torch.int64)
     last = pre[:, -1]
     if total == 0:  # k·N < 1 (a fractional k and a tiny batch): nothing is kept
         vals, lats, rows = vals[:0], lats[:0], rows[:0]
     while total:
-        v_star = torch.topk(vals, total, sorted=False).values.min()
+        v_star = torch.topk(rank(vals), total, sorted=False).values.min()
         # (an entry beyond a list is <= its last one: if that is <= 0 it is dropped anyway)
         saturated = (caps < m) & (last >= v_star) & (last > 0)
         if not bool(saturated.any()):
@@ -106,19 +110,21 @@ def _batch_select(x, W_enc, b_enc, b_dec, k, backend, dead_mask=None, k_aux=0):
         last[again] = pre2[:, -1]
     if total:
         # Winners: everything above v*, then the first (row, latent)-ordered entries equal to it.
-        above = vals > v_star
-        tied = (vals == v_star).nonzero().view(-1)
+        ranked = rank(vals)
+        above = ranked > v_star
+        tied = (ranked == v_star).nonzero().view(-1)
         room = total - int(above.sum())
         tie_order = torch.argsort(rows[tied] * m + lats[tied])
         winners = above.clone()
         winners[tied[tie_order[:room]]] = True
-        winners &= vals > 0
+        winners &= ranked > 0
         vals, lats, rows = vals[winners], lats[winners], rows[winners]
     order = torch.argsort(rows * m + lats)
     counts = torch.bincount(rows, minlength=n)
     row_offsets = torch.zeros(n + 1, device=x.device, dtype=torch.int64)
     torch.cumsum(counts, 0, out=row_offsets[1:])
-    threshold = vals.min() if vals.numel() else x.new_zeros(())
+    finite = vals[~torch.isnan(vals)]
+    threshold = finite.min() if finite.numel() else vals.sum() if vals.numel() else x.new_zeros(())  # (all NaN: NaN)
     return vals[order], lats[order], row_offsets, threshold.reshape(()), aux_pre, aux_idx
 
 
@@ -243,6 +249,11 @@ def batchtopk_encode(
     Returns BatchTopKCodes(values, indices, row_offsets, threshold, aux_values, aux_indices);
     see its docstring. Differentiable with respect to x, W_enc, b_enc and b_dec through the
     kept (and aux) entries.
+
+    Numerics as ``topk_encode``'s. NaN pre-activations rank above every number and are kept
+    (within the batch budget), so a NaN row shows in the loss instead of hiding; the returned
+    threshold is the smallest finite kept value. Inference mode compares ``pre > threshold``
+    in x's dtype (the threshold rounded to it) and keeps NaN entries.
     """
     n, d, m = _checks.check_encoder_inputs(_OP, x, W_enc, b_enc, b_dec)
     if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= m:  # (NaN fails 0 < k)

@@ -185,7 +185,7 @@ def sparse_decode_csr_op(
 ) -> torch.Tensor:
     num_rows = row_offsets.shape[0] - 1
     return _backend.kernels(backend).csr_gather_sum(
-        values.contiguous(), indices.contiguous(), row_offsets, num_rows, W_dec, bias
+        values.contiguous(), indices.contiguous(), row_offsets.contiguous(), num_rows, W_dec, bias
     )
 
 

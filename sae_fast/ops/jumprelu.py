@@ -108,13 +108,13 @@ def _near(pre, indices, threshold, half_band):
     values rounded to pre's dtype)."""
     cdt = torch.float64 if pre.dtype == torch.float64 else torch.float32
     theta = threshold.to(pre.dtype)[indices]
-    return (pre.to(cdt) - theta.to(cdt)).abs() < half_band, pre > theta
+    return (pre.to(cdt) - theta.to(cdt)).abs() < half_band, (pre > theta) | torch.isnan(pre)
 
 
 @torch.library.custom_op("sae_fast::jumprelu_gate", mutates_args=())
 def jumprelu_gate_op(pre: torch.Tensor, indices: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    """f = pre·H(pre - θ[indices]) over listed entries."""
-    return torch.where(pre > threshold.to(pre.dtype)[indices], pre, torch.zeros_like(pre))
+    """f = pre·H(pre - θ[indices]) over listed entries; a NaN pre stays NaN (it must reach the loss)."""
+    return torch.where((pre > threshold.to(pre.dtype)[indices]) | torch.isnan(pre), pre, torch.zeros_like(pre))
 
 
 @jumprelu_gate_op.register_fake
@@ -205,6 +205,10 @@ def jumprelu_encode(
     Differentiable to x, W_enc, b_enc, b_dec through the active entries. ``threshold`` [M]
     must not require grad: these codes cannot give its straight-through gradient (it needs
     the inactive entries near the threshold) — use ``jumprelu_training_forward``.
+
+    Numerics: ``x - b_dec`` is rounded once to W_enc's dtype, products accumulate in fp32,
+    ``pre`` is rounded to x's dtype and compared with the threshold rounded to x's dtype. A NaN
+    pre-activation is kept as an active NaN entry, so NaN inputs reach the output and the loss.
     """
     _check_encoder_args(_OP, x, W_enc, b_enc, threshold, b_dec)
     if threshold.requires_grad and torch.is_grad_enabled():

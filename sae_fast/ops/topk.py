@@ -26,7 +26,8 @@ _OP = "topk_encode"
 
 class TopKCodes(NamedTuple):
     """``values`` [N, k] = ReLU of the selected pre-activations, descending; ``indices`` [N, k]
-    latent ids (ties: the smaller id first). ``aux_values`` / ``aux_indices`` [N, k_aux]:
+    latent ids (ties: the smaller id first, decided on the fp32 pre-activation, so in half
+    precision equal returned values may come in either id order). ``aux_values`` / ``aux_indices`` [N, k_aux]:
     pre-activations (no ReLU) of the top dead latents, or None; a row with fewer dead latents
     than k_aux has value 0 and index 0 in the missing slots."""
 
@@ -56,9 +57,11 @@ def topk_encode_op(
     sel = topk_select(x, W_enc, b_enc, k, b_dec=b_dec, dead_mask=dead_mask, k_aux=k_aux)
     if sel.aux_pre is None:
         return sel.pre, sel.indices, x.new_zeros((x.shape[0], 0)), sel.indices.new_zeros((x.shape[0], 0))
-    # Missing aux slots (fewer dead latents than k_aux) hold -inf: return 0 there (index 0);
-    # the backward gives them no gradient.
-    aux_pre = sel.aux_pre.masked_fill(torch.isinf(sel.aux_pre), 0)
+    # Missing aux slots (fewer dead latents than k_aux; every row has the same dead set) hold
+    # -inf: return 0 there (index 0); the backward gives them no gradient. A real dead
+    # latent's ±inf stays.
+    missing = torch.arange(sel.aux_pre.shape[1], device=x.device) >= dead_mask.sum()
+    aux_pre = sel.aux_pre.masked_fill(missing, 0)
     return sel.pre, sel.indices, aux_pre, sel.aux_indices
 
 
@@ -141,6 +144,12 @@ def topk_encode(
 
     Returns TopKCodes(values, indices, aux_values, aux_indices). Differentiable with respect
     to x, W_enc, b_enc and b_dec through the selected (and aux) entries only.
+
+    Numerics (every backend): ``x - b_dec`` is rounded once to W_enc's dtype (the GEMM
+    operand, as a half-precision torch computation would), products accumulate in fp32, the
+    selection orders fp32 pre-activations. A NaN pre-activation ranks above every number
+    (torch.topk's order), so NaN inputs show up in the codes and the loss; a dead latent's
+    ±inf pre-activation is a real AuxK entry.
     """
     n, d, m = _checks.check_encoder_inputs(_OP, x, W_enc, b_enc, b_dec)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m:

@@ -2,8 +2,9 @@
 
 Keeps the entries with ``pre > threshold`` and ``pre > 0`` (where ``relu(pre)·H(pre - θ)``
 is non-zero; ``threshold`` a scalar or one per latent; options as the Triton kernel's), as CSR with ascending latent ids in
-each row. ``pre`` is computed like ``topk_select`` (fp32 accumulation for half types, then
-rounded to x's dtype, which is the dtype compared), ``rows_per_chunk`` rows at a time so
+each row. ``pre`` is computed like ``topk_select`` (``x - b_dec`` rounded once to the
+weights' dtype, fp32 accumulation for half types, then rounded to x's dtype, which is the
+dtype compared), ``rows_per_chunk`` rows at a time so
 the dense block stays bounded: the CPU path of the threshold-based encoders.
 """
 
@@ -37,7 +38,7 @@ def threshold_select(
     for r0 in range(0, n, rows_per_chunk):
         xc = x[r0:r0 + rows_per_chunk].to(acc_dtype)
         if b_dec is not None:
-            xc = xc - b_dec.to(acc_dtype)
+            xc = (xc - b_dec.to(acc_dtype)).to(W_enc.dtype).to(acc_dtype)
         pre = xc @ W.T
         if b_enc is not None:
             pre = pre + b_enc.to(acc_dtype)
@@ -45,6 +46,7 @@ def threshold_select(
         active = pre > thr
         if relu:
             active &= pre > 0
+        active |= torch.isnan(pre)  # NaN is kept (as the kernel does): it must reach the output
         if dense is not None:
             dense[r0:r0 + rows_per_chunk] = torch.where(active, pre, 0)
         keep = active

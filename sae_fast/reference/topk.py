@@ -4,11 +4,17 @@
 into a running top-k per row, so extra memory is O(N·(k + block_m)), never O(N·M): the
 same plan as the fused kernels, and the CPU path of ``sae_fast.topk_encode``.
 
+Numerics, as the fused kernels: ``x - b_dec`` is formed in fp32 and rounded once to the
+weights' dtype (the GEMM's operand; a plain half-precision torch computation rounds it too),
+products accumulate in fp32, and the selection orders the fp32 pre-activations, which are
+rounded to x's dtype only when returned (so in half precision, equal returned values may
+come in either id order).
+
 Order (the package's documented tie rule): descending ``pre``, and among equal values the
 smaller latent index first. Merging keeps it: the running list is already in that order and
 every latent of a new block has a larger index than every latent seen before, so a stable
 descending sort of ``[running, block]`` puts an old entry before a new one of equal value.
-NaN pre-activations are not supported (their order is unspecified).
+A NaN pre-activation ranks above every number (torch.sort's order, and the kernels').
 """
 
 from typing import NamedTuple, Optional
@@ -62,7 +68,7 @@ def topk_select(
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xc = x.to(acc_dtype)
     if b_dec is not None:
-        xc = xc - b_dec.to(acc_dtype)
+        xc = (xc - b_dec.to(acc_dtype)).to(W_enc.dtype).to(acc_dtype)
     dev = x.device
     run_v = torch.empty(n, 0, device=dev, dtype=acc_dtype)
     run_i = torch.empty(n, 0, device=dev, dtype=torch.int64)
@@ -73,15 +79,17 @@ def topk_select(
         pre = xc @ W_enc[m0:m1].to(acc_dtype).T
         if b_enc is not None:
             pre = pre + b_enc[m0:m1].to(acc_dtype)
-        # Round to the output dtype before selecting, so the order is that of the returned values.
-        pre = pre.to(x.dtype).to(acc_dtype)
         ids = torch.arange(m0, m1, device=dev).expand(n, -1)
         run_v, run_i = _merge(run_v, run_i, pre, ids, k)
-        if want_aux:
-            dead_pre = pre.masked_fill(~dead_mask[m0:m1].to(dev), float("-inf"))
-            aux_v, aux_i = _merge(aux_v, aux_i, dead_pre, ids, k_aux)
+        if want_aux:  # only dead columns compete (a dead latent's real -inf must not tie with live ones)
+            cols = dead_mask[m0:m1].to(dev).nonzero().view(-1)
+            aux_v, aux_i = _merge(aux_v, aux_i, pre[:, cols], ids[:, cols], k_aux)
     if want_aux:
-        missing = torch.isinf(aux_v) & (aux_v < 0)
+        short = k_aux - aux_v.shape[1]  # fewer dead latents than k_aux: pad the missing slots
+        if short > 0:
+            aux_v = torch.cat([aux_v, aux_v.new_full((n, short), float("-inf"))], dim=1)
+            aux_i = torch.cat([aux_i, aux_i.new_zeros((n, short))], dim=1)
+        missing = torch.arange(aux_v.shape[1], device=dev) >= dead_mask.to(dev).sum()  # (a real -inf stays)
         aux_i = aux_i.masked_fill(missing, 0)
         return TopKSelection(run_v.to(x.dtype).contiguous(), run_i.contiguous(), aux_v.to(x.dtype).contiguous(), aux_i.contiguous())
     return TopKSelection(run_v.to(x.dtype).contiguous(), run_i.contiguous(), None, None)
