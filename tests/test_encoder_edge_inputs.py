@@ -172,3 +172,15 @@ def test_threshold_encoders_keep_nan(backend, device):
     assert bool(x_hat[3].isnan().all()) and bool(torch.isfinite(x_hat[[0, 1, 2, 4]]).all())
     inference = sae_fast.batchtopk_encode(x, W, None, 2, threshold=0.3, backend=backend)
     assert int(inference.row_offsets.diff()[3]) == 23
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_zero_width_decoder(backend, device):
+    W_dec = torch.empty(9, 0, device=device)
+    values, indices = torch.rand(4, 3, device=device), torch.randint(0, 9, (4, 3), device=device)
+    assert sae_fast.sparse_decode(values, indices, W_dec, backend=backend).shape == (4, 0)
+    offsets = torch.tensor([0, 5, 5, 12], device=device)
+    out = sae_fast.sparse_decode_csr(values.view(-1), indices.view(-1), offsets, W_dec, backend=backend)
+    assert out.shape == (3, 0)
+    with pytest.raises(ValueError, match="sparse_decode_csr: row_offsets must rise"):
+        sae_fast.sparse_decode_csr(values.view(-1), indices.view(-1), offsets.flip(0), W_dec, backend=backend)

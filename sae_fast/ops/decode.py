@@ -13,6 +13,7 @@ from .. import _backend
 from . import _checks
 
 _OP = "sparse_decode"
+_CSR_OP = "sparse_decode_csr"
 
 
 @torch.library.custom_op("sae_fast::sparse_decode", mutates_args=())
@@ -252,7 +253,12 @@ def sparse_decode_csr(
     values [nnz] float, indices [nnz] int32/int64, row_offsets [N+1] int64 non-decreasing
     from 0 to nnz. Differentiable with respect to values, W_dec and bias (the W_dec gradient
     is the same deterministic segment reduction as ``sparse_decode``'s).
+
+    ``check_indices=False`` skips every data check (index range and row_offsets shape, one
+    device sync): out-of-range values then read out of bounds. Under ``torch.compile`` the
+    data checks are skipped (they would break the graph).
     """
+    _OP = _CSR_OP
     _checks.check_tensor(_OP, "values", values, dim=1, dtypes=_checks.FLOAT_DTYPES)
     _checks.check_tensor(_OP, "indices", indices, dim=1, dtypes=_checks.INDEX_DTYPES)
     _checks.check_tensor(_OP, "row_offsets", row_offsets, dim=1, dtypes=(torch.int64,))

@@ -33,8 +33,8 @@ def csr_gather_sum(
     d = src.shape[1]
     cdt = _compute_dtype(src.dtype)
     out_dtype = src.dtype
-    if num_rows == 0:
-        return src.new_empty((0, d))
+    if num_rows == 0 or d == 0:  # (embedding_bag rejects a zero-width table)
+        return src.new_empty((num_rows, d))
     if row_offsets is None:
         k = coef.numel() // num_rows
         row_offsets = torch.arange(0, num_rows + 1, device=src.device, dtype=torch.int64) * k
