@@ -621,6 +621,36 @@ def test_block_mask_shared_over_batch_and_heads_evaluates_each(backend, device):
         block_mask_attention(q, k, v, None)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_block_mask_sink_tokens_become_columns(backend, device):
+    """A-shape as FlexAttention users write it: 4 sink tokens (less than a block) + a causal
+    block-local window. The sink part of each block is the same keys for every row: single
+    columns; the result equals FlexAttention's, GQA and odd T included, gradients too."""
+    fa = _flex()
+    B, Hq, Hkv, T, D = 2, 2, 1, 75, 16
+    q, k, v = qkv(B, Hq, Hkv, T, T, D, device=device)
+
+    def sink_local(b, h, qi, ki):
+        return ((ki < 4) | (qi // 16 == ki // 16)) & (qi >= ki)
+
+    bm = fa.create_block_mask(sink_local, None, None, T, T, device=device, BLOCK_SIZE=16)
+    bc, bo, cc, ci, is_causal, _, _ = ops.block_mask_to_index(bm, B, Hq, T, T)
+    assert is_causal and cc[0, 0].tolist() == [0] + [4] * 4 and ci[0, 0, 1].tolist() == [0, 1, 2, 3]
+    out, lse = block_mask_attention(q, k, v, bm, backend=backend)
+    want = fa.flex_attention(q.detach(), k.detach(), v.detach(), block_mask=bm, enable_gqa=True)
+    assert rel_err(out, want) < 2e-6
+    mask = sink_local(0, 0, torch.arange(T, device=device)[:, None], torch.arange(T, device=device)[None, :])
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = torch.softmax((qd @ kd.repeat_interleave(2, 1).transpose(-1, -2) * D ** -0.5).masked_fill(~mask, -float("inf")),
+                        -1) @ vd.repeat_interleave(2, 1)
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    out.backward(g.to(out.dtype))
+    for got, w in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        assert rel_err(got, w) < 1e-5
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_block_mask_rejects_row_dependent_partial_blocks():
     fa = _flex()
@@ -631,7 +661,7 @@ def test_block_mask_rejects_row_dependent_partial_blocks():
 
     bm = fa.create_block_mask(window, None, None, T, T, device="cpu", BLOCK_SIZE=32)
     q = torch.randn(1, 1, T, 16)
-    with pytest.raises(ValueError, match="neither full, empty nor the causal diagonal"):
+    with pytest.raises(ValueError, match="neither full, empty, the causal diagonal nor the same keys"):
         block_mask_attention(q, q, q, bm)
     with pytest.raises(ValueError, match="Q_LEN, KV_LEN"):
         block_mask_attention(q[:, :, :50], q, q, bm)

@@ -264,15 +264,16 @@ def block_mask_to_index(block_mask, B: int, H: int, T: int, S: int, *, chunk: in
     Full blocks become aligned ranges. Partial blocks (those FlexAttention evaluates its
     mask_mod on) are evaluated here once per (batch, head), on their in-bounds positions, as
 FlexAttention does (also for a mask shared over B or H), and must each be
-    all-True (kept as a range), all-False (dropped) or exactly the causal restriction of the
-    block (``kv <= q + S - T``, bottom-right; for T == S that is the usual ``q >= kv``) — the
+    all-True (kept as a range), all-False (dropped), the same keys for every row (kept as
+    single columns: sink tokens that do not fill a block, as in A-shape masks) or exactly the
+    causal restriction of the block (``kv <= q + S - T``, bottom-right; for T == S that is the usual ``q >= kv``) — the
     common case of causal, block-aligned sliding-window and block-aligned document-causal masks. Any other
     partial block (a row-dependent pattern our per-block key lists cannot express) raises
     ValueError. When causal blocks occur, the kernel runs with ``causal=True`` and every
     other kept block must lie at or below the diagonal.
 
     Returns ``(block_count, block_offset, column_count, column_index, causal, block_m,
-    block_n)``, index tensors int32 ``[B, H, NQB, ...]`` (no columns). Reads the mask on the
+    block_n)``, index tensors int32 ``[B, H, NQB, ...]``. Reads the mask on the
     host side (device syncs): convert once, reuse the index.
     """
     if not all(hasattr(block_mask, a) for a in ("BLOCK_SIZE", "kv_num_blocks", "kv_indices", "mask_mod")):
@@ -305,6 +306,7 @@ FlexAttention does (also for a mask shared over B or H), and must each be
     keep = listed.clone()
     causal_blocks = torch.zeros_like(listed)
     pos = listed.nonzero()  # [P, 4]: b, h, qb, slot
+    col_entries = []  # [b, h, qb, key] of blocks whose rows all see the same keys: single columns
     ar_q = torch.arange(bq, device=dev)
     ar_k = torch.arange(bk, device=dev)
     for c0 in range(0, pos.shape[0], chunk):
@@ -321,15 +323,23 @@ FlexAttention does (also for a mask shared over B or H), and must each be
         full = (vals | ~inb).flatten(1).all(1)
         empty = ~vals.flatten(1).any(1)
         is_causal = (vals == diag).flatten(1).all(1) & ~full & ~empty
-        bad = ~(full | empty | is_causal)
+        # every row sees the same keys (a block's first row is always in bounds): e.g. sink
+        # tokens that do not fill a block, kept as single columns
+        row0 = vals[:, :1, :]
+        is_cols = ((vals == row0) | ~inb).flatten(1).all(1) & ~full & ~empty & ~is_causal
+        if is_cols.any():
+            j, c = row0[is_cols, 0, :].nonzero().unbind(1)
+            sel = is_cols.nonzero().view(-1)[j]
+            col_entries.append(torch.stack([b_i[sel], h_i[sel], qb_i[sel], kb_i[sel] * bk + c], 1))
+        bad = ~(full | empty | is_causal | is_cols)
         if bad.any():
             j = int(bad.nonzero()[0, 0])
             raise ValueError(
                 "block_mask_attention: a partial block (batch "
                 f"{int(b_i[j])}, head {int(h_i[j])}, query block {int(qb_i[j])}, kv block {int(kb_i[j])}) is "
-                "neither full, empty nor the causal diagonal; its mask depends on the row in a way "
-                "per-block key lists cannot express exactly")
-        keep[b_i, h_i, qb_i, p[:, 3]] = ~empty
+                "neither full, empty, the causal diagonal nor the same keys for every row; its mask depends "
+                "on the row in a way per-block key lists cannot express exactly")
+        keep[b_i, h_i, qb_i, p[:, 3]] = ~empty & ~is_cols
         causal_blocks[b_i, h_i, qb_i, p[:, 3]] = is_causal
     offsets = idx.long()
     if block_mask.full_kv_num_blocks is not None:
@@ -341,6 +351,10 @@ FlexAttention does (also for a mask shared over B or H), and must each be
         causal_blocks = torch.cat([grow(causal_blocks), grow(torch.zeros_like(flisted))], -1)
         offsets = torch.cat([grow(offsets), grow(fidx.long())], -1)
     causal = bool(causal_blocks.any())
+    cols = torch.cat(col_entries) if col_entries else torch.zeros((0, 4), dtype=torch.long, device=dev)
+    if causal and cols.numel() and bool((cols[:, 3] > cols[:, 2] * bq + (S - T)).any()):
+        raise ValueError("block_mask_attention: the mask mixes causal diagonal blocks with single keys above "
+                         "the diagonal; one causal flag cannot express both")
     if causal:
         # every kept non-causal block must be entirely visible under the causal mask
         qb_first = (torch.arange(nqb, device=dev) * bq).view(1, 1, nqb, 1)
@@ -354,9 +368,21 @@ FlexAttention does (also for a mask shared over B or H), and must each be
     block_count = keep.sum(-1).to(torch.int32)
     block_count = block_count.expand(B, H, nqb).contiguous()
     block_offset = block_offset.expand(B, H, nqb, block_offset.shape[-1]).contiguous()
-    column_count = torch.zeros((B, H, nqb), dtype=torch.int32, device=dev)
-    column_index = torch.zeros((B, H, nqb, 0), dtype=torch.int32, device=dev)
-    return block_count, block_offset, column_count, column_index, causal, bq, bk
+    column_count = torch.zeros((B, H, nqb), dtype=torch.int64, device=dev)
+    max_cols = 0
+    if cols.numel():
+        flat = (cols[:, 0] * H + cols[:, 1]) * nqb + cols[:, 2]
+        column_count.view(-1).index_add_(0, flat, torch.ones_like(flat))
+        max_cols = int(column_count.max())
+        order = torch.argsort(flat * (S + 1) + cols[:, 3])
+        flat, keys = flat[order], cols[order, 3]
+        starts = torch.cumsum(column_count.view(-1), 0) - column_count.view(-1)
+        slot = torch.arange(flat.numel(), device=dev) - starts[flat]
+    column_index = torch.zeros((B * H * nqb, max_cols), dtype=torch.int32, device=dev)
+    if cols.numel():
+        column_index[flat, slot] = keys.to(torch.int32)
+    column_index = column_index.view(B, H, nqb, max_cols)
+    return block_count, block_offset, column_count.to(torch.int32), column_index, causal, bq, bk
 
 
 def block_mask_attention(q, k, v, block_mask, *, scale: Optional[float] = None, backend: Optional[str] = None,
