@@ -14,7 +14,11 @@ saelens              ``cfg.json`` + ``sae_weights.safetensors``  standard, topk,
                                                                  (matryoshka) batchtopk training
                                                                  checkpoints, (skip/jumprelu)
                                                                  transcoders
-sparsify             ``cfg.json`` + ``sae.safetensors``          topk (+ W_skip, transcode)
+sparsify             ``cfg.json`` + ``sae.safetensors``          topk (+ W_skip, transcode;
+                                                                 multi_topk is a training loss:
+                                                                 our forward reconstructs from k
+                                                                 where sparsify's sae_out then
+                                                                 uses 4k)
 dictionary_learning  ``ae.pt`` + ``config.json``                 AutoEncoderTopK, BatchTopKSAE,
                                                                  JumpReluAutoEncoder, AutoEncoder,
                                                                  AutoEncoderNew
