@@ -263,12 +263,12 @@ def block_mask_to_index(block_mask, B: int, H: int, T: int, S: int, *, chunk: in
 
     Full blocks become aligned ranges. Partial blocks (those FlexAttention evaluates its
     mask_mod on) are evaluated here once per (batch, head), on their in-bounds positions, as
-FlexAttention does (also for a mask shared over B or H), and must each be
-    all-True (kept as a range), all-False (dropped), the same keys for every row (kept as
-    single columns: sink tokens that do not fill a block, as in A-shape masks) or exactly the
-    causal restriction of the block (``kv <= q + S - T``, bottom-right; for T == S that is the usual ``q >= kv``) — the
-    common case of causal, block-aligned sliding-window and block-aligned document-causal masks. Any other
-    partial block (a row-dependent pattern our per-block key lists cannot express) raises
+    FlexAttention does (also for a mask shared over B or H), and must each be all-True (kept
+    as a range), all-False (dropped), the same keys for every row (kept as single columns:
+    sink tokens that do not fill a block, as in A-shape masks) or exactly the causal
+    restriction of the block (``kv <= q + S - T``, bottom-right; for T == S that is the usual
+    ``q >= kv``) — the common case of causal, block-aligned sliding-window and block-aligned
+    document-causal masks. Any other partial block (a row-dependent pattern our per-block key lists cannot express) raises
     ValueError. When causal blocks occur, the kernel runs with ``causal=True`` and every
     other kept block must lie at or below the diagonal.
 
