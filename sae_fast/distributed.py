@@ -74,6 +74,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
+import math
 import os
 from typing import Iterable, Optional
 
@@ -362,27 +363,40 @@ class DataParallel:
         wide = ops.batchtopk_encode(x, sae.W_enc, sae.b_enc, wide_k, b_dec=sae._centre(),
                                     dead_mask=dead_mask if k_aux else None, k_aux=k_aux, backend=sae.backend)
         budget, cap = cfg.k * n * world, wide_k * n
-        vals = wide.values.detach()  # > 0, CSR order = row-major
+        # Ranked as the op ranks them: NaN above every number, so a rank's NaN rows keep their
+        # NaN codes (the loss shows them) instead of a NaN cut emptying every row on every rank.
+        vals = wide.values.detach()  # > 0 or NaN, CSR order = row-major
+        rows = torch.repeat_interleave(torch.arange(n, device=x.device), wide.row_offsets.diff())
+        nan = torch.isnan(vals)
+        ranked = vals.masked_fill(nan, float("inf"))
+        # A row offers at most min(M, 2k) NaN candidates, as the op's first candidate list does
+        # on one process, so a NaN row takes the same share of the budget as it would there.
+        nan_seen = nan.long().cumsum(0)
+        nan_before_row = torch.cat([nan_seen.new_zeros(1), nan_seen])[wide.row_offsets[:-1].long()]
+        ranked[nan & (nan_seen - nan_before_row[rows] > min(cfg.num_latents, 2 * math.ceil(cfg.k)))] = float("-inf")
         padded = vals.new_full((cap,), float("-inf"))
-        padded[: vals.numel()] = vals
+        padded[: vals.numel()] = ranked
         every = self._gather(padded)  # [world, cap]
         flat = every.reshape(-1)
         if budget < flat.numel():
             cut = flat.topk(budget).values[-1]
         else:
             cut = flat.new_tensor(float("-inf"))
-        keep = vals > cut
-        if bool(torch.isfinite(cut)):  # ties at the cut: the first ones in global row-major order
+        keep = ranked > cut
+        if bool(cut > float("-inf")):  # ties at the cut: the first ones in global row-major order
             need = budget - int((flat > cut).sum())
             ties = (every == cut).sum(1)
             mine = max(0, min(need - int(ties[: self.rank].sum()), int(ties[self.rank])))
-            tied = vals == cut
+            tied = ranked == cut
             keep |= tied & (tied.cumsum(0) <= mine)
-        rows = torch.repeat_interleave(torch.arange(n, device=x.device), wide.row_offsets.diff())
         counts = torch.bincount(rows[keep], minlength=n)
         row_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(wide.row_offsets.dtype)
-        kept = flat[flat > float("-inf")]
-        smallest = cut if bool(torch.isfinite(cut)) else (kept.min() if kept.numel() else flat.new_zeros(()))
+        # The threshold is the smallest kept number over the global batch (NaN when every kept
+        # entry is NaN, 0 when nothing is kept), as the op's.
+        kept = flat[(flat > cut) | (flat == cut)] if bool(cut > float("-inf")) else flat[flat > float("-inf")]
+        finite = kept[torch.isfinite(kept)]
+        smallest = (finite.min() if finite.numel() else
+                    flat.new_tensor(float("nan")) if kept.numel() else flat.new_zeros(()))
         return ops.BatchTopKCodes(wide.values[keep], wide.indices[keep], row_offsets, smallest.reshape(()),
                                   wide.aux_values, wide.aux_indices)
 

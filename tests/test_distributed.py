@@ -1,7 +1,7 @@
 """Distributed training (``sae_fast.distributed``) on CPU with gloo, 2 spawned ranks: data
 parallel against a single process on the same global batch (every architecture, a transcoder;
 same steps up to fp32 reduction order), ranks bitwise in sync after every step, global
-BatchTopK selection with ties, resume equal to an uninterrupted run, the NaN guard stopping
+BatchTopK selection with ties and with a NaN row, resume equal to an uninterrupted run, the NaN guard stopping
 every rank, bad input, ``sae-fast train`` under torchrun; latent-parallel TopK against one
 SAE (outputs, gradients, training steps)."""
 
@@ -276,6 +276,17 @@ def _scenario_batchtopk_ties(rank, out):
                                        threshold=codes.threshold))
 
 
+def _scenario_batchtopk_nan(rank, out):
+    from sae_fast.distributed import DataParallel
+
+    sae, x = _tie_case()
+    x[4] = float("nan")  # a NaN row on rank 1 only
+    codes = DataParallel().global_batchtopk(sae, x[3 * rank:3 * rank + 3])
+    rows = torch.repeat_interleave(torch.arange(3), codes.row_offsets.diff()) + 3 * rank
+    _save(out, f"nan-rank{rank}", dict(rows=rows, indices=codes.indices.long(), values=codes.values.detach(),
+                                      threshold=codes.threshold))
+
+
 # ---- tests
 
 def _single_process(arch, steps=8):
@@ -490,3 +501,29 @@ def test_global_batchtopk_selection_with_ties(tmp_path):
     expected = {(int(r), int(i)): float(v) for r, i, v in zip(want_rows, want.indices, want.values.detach())}
     assert entries == expected and len(entries) == 18
     assert all(float(g["threshold"]) == float(cut) for g in got)
+
+
+def test_global_batchtopk_keeps_nan_rows_as_the_op_does(tmp_path):
+    """A NaN row on one rank keeps NaN codes within the global budget and the other rows keep
+    what one process keeps over the whole batch (before: a NaN cut emptied every rank's rows,
+    with a finite loss)."""
+    from sae_fast import ops
+
+    _spawn("_scenario_batchtopk_nan", tmp_path)
+    sae, x = _tie_case()
+    x[4] = float("nan")
+    want = ops.batchtopk_encode(x, sae.W_enc, sae.b_enc, 3, b_dec=sae.b_dec, backend="reference")
+    want_rows = torch.repeat_interleave(torch.arange(6), want.row_offsets.diff())
+    got = [_load(tmp_path, f"nan-rank{r}") for r in range(WORLD)]
+    rows = torch.cat([g["rows"] for g in got])
+    values = torch.cat([g["values"] for g in got])
+    # The NaN row: as many NaN codes as one process keeps (which latents is unspecified).
+    assert int((rows == 4).sum()) == int((want_rows == 4).sum()) > 0
+    assert bool(torch.isnan(values[rows == 4]).all())
+    entries = {(int(r), int(i)): float(v) for g in got for r, i, v in zip(g["rows"], g["indices"], g["values"])
+               if int(r) != 4}
+    expected = {(int(r), int(i)): float(v) for r, i, v in zip(want_rows, want.indices, want.values.detach())
+                if int(r) != 4}
+    assert entries == expected and len(entries) == 18 - int((want_rows == 4).sum())
+    assert all(float(g["threshold"]) == float(want.threshold) for g in got)
+    assert bool(torch.isfinite(want.threshold))
