@@ -184,3 +184,81 @@ def test_zero_width_decoder(backend, device):
     assert out.shape == (3, 0)
     with pytest.raises(ValueError, match="sparse_decode_csr: row_offsets must rise"):
         sae_fast.sparse_decode_csr(values.view(-1), indices.view(-1), offsets.flip(0), W_dec, backend=backend)
+
+
+def _window_past_2_31(m, d, device, g):
+    """A [m, d] fp16 transposed view into a [d, 2^24] weight (SAELens keeps W_enc as [d, M] and
+    the adapters pass W_enc.T): its column stride is 2^24, so (d - 1)·stride passes 2^31 at
+    d = 129. Only the m·d elements of the window are written (the rest is never touched:
+    lazily committed memory on CPU, 4.3 GB on a GPU)."""
+    stride = 1 << 24
+    storage = torch.empty(d * stride, dtype=torch.float16, device=device)
+    W = storage.as_strided((m, d), (1, stride))
+    W.copy_(torch.randn(m, d, generator=g).to(torch.float16))
+    assert (d - 1) * W.stride(1) >= 2 ** 31
+    return W
+
+
+KERNEL_BACKENDS = [p for p in BACKENDS if p.values[0] != "reference"]
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
+def test_transposed_weights_with_offsets_past_2_31(backend, device):
+    """Kernels once formed d-offsets as int32 · stride: with this view the products wrapped and
+    the Triton encoders and decoders read outside the weight (a segfault under the
+    interpreter, garbage or a fault on a GPU). A kernel reads the same values in the same order
+    whatever the strides, so the view must give bitwise what a contiguous copy gives. (The
+    reference backend is not a subject: torch's CPU GEMM sums in a layout-dependent order.)"""
+    g = torch.Generator().manual_seed(11)
+    m, d, n = 64, 129, 5
+    W = _window_past_2_31(m, d, device, g)
+    dense = W.contiguous()
+    x = torch.randn(n, d, generator=g).to(torch.float16).to(device)
+    b = torch.randn(m, generator=g).to(torch.float16).to(device)
+    theta = torch.rand(m, generator=g).to(device)
+
+    def topk_with_grad(w):
+        xr = x.clone().requires_grad_(True)
+        out = sae_fast.topk_encode(xr, w, b, 7, backend=backend)
+        out.values.float().square().sum().backward()  # d/dx gathers rows of w (a decode)
+        return out.values.detach(), out.indices, xr.grad
+
+    for a, c in zip(topk_with_grad(dense), topk_with_grad(W)):
+        assert torch.equal(a, c)
+    a, c = (sae_fast.jumprelu_encode(x, w, b, theta, dense=True, backend=backend) for w in (dense, W))
+    assert torch.equal(a, c)
+    for threshold in (0.2, None):  # the threshold kernel, then the batch selection's candidates
+        a, c = (sae_fast.batchtopk_encode(x, w, b, 3, threshold=threshold, backend=backend) for w in (dense, W))
+        assert torch.equal(a.indices, c.indices) and torch.equal(a.values, c.values)
+
+    # The same view as a decoder, forward and the gradient of its values.
+    indices = torch.randint(0, m, (n, 6), generator=g).to(device)
+
+    def decode_with_grad(w):
+        v = torch.randn(n, 6, generator=torch.Generator().manual_seed(5)).to(torch.float16).to(device)
+        v.requires_grad_(True)
+        out = sae_fast.sparse_decode(v, indices, w, backend=backend)
+        out.float().sum().backward()
+        return out.detach(), v.grad
+
+    for a, c in zip(decode_with_grad(dense), decode_with_grad(W)):
+        assert torch.equal(a, c)
+
+
+def test_weight_layouts_whose_tile_offsets_would_wrap_are_refused():
+    """The tile keeps arange(BLOCK_D)·stride_wd in int32 (int64 there spilled the TopK tile):
+    a transposed weight with more than 2^31 / (BLOCK_D - 1) latents must be refused by name,
+    not read through wrapped offsets. Meta tensors: layouts without memory."""
+    from sae_fast.triton_kernels.encoder_tile import check_weight_offsets
+
+    def view(m, d, stride):
+        return torch.empty_strided((m, d), (1, stride), device="meta", dtype=torch.bfloat16)
+
+    check_weight_offsets(view(64, 2304, 1 << 24), 128, "topk_encode")  # OpenAI's 16M latents fit
+    check_weight_offsets(view(64, 2304, 1 << 31), 128, "topk_encode")  # >= 2^31 arrives as int64
+    check_weight_offsets(view(64, 2, 1 << 30), 128, "topk_encode")  # lane 1 · 2^30 fits
+    check_weight_offsets(torch.empty((1 << 26, 2304), device="meta"), 128, "topk_encode")  # row-major
+    with pytest.raises(ValueError, match=r"topk_encode: W_enc's d-axis stride \(33554432.*W_enc.contiguous"):
+        check_weight_offsets(view(64, 2304, 1 << 25), 128, "topk_encode")
+    with pytest.raises(ValueError, match="tile depth 9"):
+        check_weight_offsets(view(64, 9, 1 << 30), 128, "threshold_encode")

@@ -17,6 +17,20 @@ def centered_input(x: torch.Tensor, b_dec: Optional[torch.Tensor], w_dtype: torc
     return (x.to(torch.float32) - b_dec.to(torch.float32)).to(w_dtype)
 
 
+_INT32_MAX = 2 ** 31 - 1
+
+
+def check_weight_offsets(W_enc: torch.Tensor, block_d: int, op: str) -> None:
+    """``encoder_pre_tile`` forms arange(BLOCK_D)·stride_wd in int32 (a stride >= 2^31 arrives
+    as int64 and is safe): refuse a weight layout where that product could wrap."""
+    stride, lanes = W_enc.stride(1), min(block_d, W_enc.shape[1])  # (masked lanes never load)
+    if stride <= _INT32_MAX and (lanes - 1) * stride > _INT32_MAX:
+        raise ValueError(
+            f"{op}: W_enc's d-axis stride ({stride}, a transposed [d, M] weight with M = {stride} latents) "
+            f"times the tile depth {lanes} passes 2^31; pass W_enc as a row-major [M, d] tensor "
+            f"(W_enc.contiguous()) for more than {_INT32_MAX // (lanes - 1)} latents in this layout")
+
+
 @triton.jit
 def encoder_pre_tile(
     x_ptr, w_ptr, b_enc_ptr, offs_n, mask_n, offs_m, mask_m, d,
@@ -33,12 +47,18 @@ def encoder_pre_tile(
     garbage): they are widened to fp32 first, where a bf16 x bf16 product is exact, so only
     the summation order differs from the GPU's tensor cores (``needs_upcast``)."""
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    # 64-bit offsets: a transposed W_enc view has stride_wd = M, and (d - 1)·M passes 2^31 at
+    # Gemma Scope's d = 2304, M = 2^20 (int32 wrapped: a wild read). For W the step's base is an
+    # int64 scalar and only arange·stride_wd stays int32 (check_weight_offsets): an int64 [BLOCK_D,
+    # 1] offset spilled the sm_90 TopK tile (96 B, kernel report) where this split spills none.
     for d0 in range(0, d, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < d
-        xt = tl.load(x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + offs_d[None, :] * stride_xd,
+        xt = tl.load(x_ptr + offs_n[:, None].to(tl.int64) * stride_xn + offs_d[None, :].to(tl.int64) * stride_xd,
                      mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_m[None, :].to(tl.int64) * stride_wm + offs_d[:, None] * stride_wd,
+        d0_wide = d0 + tl.zeros([], dtype=tl.int64)  # (d0 is a Python int under the interpreter)
+        wt = tl.load(w_ptr + d0_wide * stride_wd + offs_m[None, :].to(tl.int64) * stride_wm
+                     + tl.arange(0, BLOCK_D)[:, None] * stride_wd,
                      mask=mask_m[None, :] & mask_d[:, None], other=0.0)
         if UPCAST:
             acc += tl.dot(xt.to(wt.dtype).to(tl.float32), wt.to(tl.float32), out_dtype=tl.float32,

@@ -47,7 +47,7 @@ def _csr_gather_sum_kernel(
         cols = tl.load(col_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)
         coefs = tl.load(coef_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
         rows = tl.load(
-            src_ptr + cols[:, None] * stride_src_row + offs_d[None, :] * stride_src_col,
+            src_ptr + cols[:, None] * stride_src_row + offs_d[None, :].to(tl.int64) * stride_src_col,
             mask=mask_e[:, None] & mask_d[None, :],
             other=0.0,
         ).to(tl.float32)
@@ -75,9 +75,9 @@ def _gathered_dot_kernel(
     for d0 in range(0, d, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < d
-        g = tl.load(grad_ptr + n * stride_grad_row + offs_d * stride_grad_col, mask=mask_d, other=0.0)
+        g = tl.load(grad_ptr + n * stride_grad_row + offs_d.to(tl.int64) * stride_grad_col, mask=mask_d, other=0.0)
         rows = tl.load(
-            src_ptr + cols[:, None] * stride_src_row + offs_d[None, :] * stride_src_col,
+            src_ptr + cols[:, None] * stride_src_row + offs_d[None, :].to(tl.int64) * stride_src_col,
             mask=mask_k[:, None] & mask_d[None, :],
             other=0.0,
         )
@@ -94,7 +94,7 @@ def _entry_dot_kernel(
     BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out[e] = <grad[row[e]], src[col[e]]> for flat entries (CSR codes: rows differ per entry)."""
-    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_e = tl.program_id(0).to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E)  # nnz may pass 2^31
     mask_e = offs_e < nnz
     rows = tl.load(row_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)
     cols = tl.load(col_ptr + offs_e, mask=mask_e, other=0).to(tl.int64)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .encoder_tile import centered_input, encoder_pre_tile
+from .encoder_tile import centered_input, check_weight_offsets, encoder_pre_tile
 from .sparse_gather import _device_ctx, _interpreted, needs_upcast
 
 
@@ -122,6 +122,7 @@ def _launch(x, W_enc, b_enc, threshold, capacity: int, splits: Optional[int], re
             warps, stages = config["warps"], config["stages"]
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         auto_splits = max(1, min(triton.cdiv(m, 4 * block_m), triton.cdiv(2 * sms, max(1, triton.cdiv(n, block_n)))))
+    check_weight_offsets(W_enc, block_d, "threshold_encode")
     splits = splits or auto_splits
     latents_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
     splits = triton.cdiv(m, latents_per_split)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .encoder_tile import centered_input, encoder_pre_tile
+from .encoder_tile import centered_input, check_weight_offsets, encoder_pre_tile
 from .sparse_gather import _device_ctx, _interpreted, config_arch, needs_upcast
 
 _KEY_MIN = -(2**63)  # "no candidate": below every sentinel and every real key
@@ -194,6 +194,7 @@ def topk_encode(
     cfg.update(config or {})
     if splits:
         cfg["splits"] = splits
+    check_weight_offsets(W_enc, cfg["block_d"], "topk_encode")
     block_m = max(cfg["block_m"], k_pad)
     latents_per_split = triton.cdiv(triton.cdiv(m, cfg["splits"]), block_m) * block_m
     n_splits = triton.cdiv(m, latents_per_split)
@@ -241,6 +242,23 @@ def launch_specs() -> list:
                 main=dt == "bf16" and k_pad == 64 and not has_aux,
                 allow=_untuned_allowances(dt, k_pad, has_aux),
             ))
+    # SAELens' layout: W_enc is a [d, M] parameter, so the op gets its transposed view (unit
+    # latent stride, a runtime d stride of M: int32 at launch, widened to int64 in the tile).
+    for arch in (80, 90):
+        block_n, block_m, block_d, warps, stages = _tile_config(64, 2, False, arch)
+        specs.append(dict(
+            name="topk_partial[bf16,k<=64,W_enc^T]",
+            kernel=_topk_partial_kernel,
+            types=dict(x_ptr="*bf16", w_ptr="*bf16", b_enc_ptr="*bf16", dead_ptr="*i8",
+                       part_ptr="*i64", aux_part_ptr="*i64", n_rows="i32", d="i32", m="i32",
+                       latents_per_split="i32", stride_xn="i64", stride_wd="i32"),
+            constexprs=dict(stride_xd=1, stride_wm=1, HAS_B_ENC=True, HAS_AUX=False, K_PAD=64,
+                            BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, SORT_ABOVE=_SORT_ABOVE,
+                            INPUT_PRECISION="tf32", UPCAST=False),
+            num_warps=warps, num_stages=stages, matmul=True, archs=(arch,),
+            divisible=("n_rows", "d", "m", "latents_per_split"),
+            main=True, allow=_untuned_allowances("bf16", 64, False),
+        ))
     return specs
 
 

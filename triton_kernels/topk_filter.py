@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import topk_encode as fused
-from .encoder_tile import centered_input, encoder_pre_tile
+from .encoder_tile import centered_input, check_weight_offsets, encoder_pre_tile
 from .sparse_gather import _device_ctx, _interpreted, needs_upcast
 
 PROBE_SHARE = 16  # the probe computes 1/16 of the latents
@@ -160,6 +160,7 @@ def topk_encode_filtered(x, W_enc, b_enc, b_dec, k: int, cap: Optional[int] = No
     cand_val = torch.empty((n, cap), device=x.device, dtype=torch.float32)
     cand_idx = torch.empty((n, cap), device=x.device, dtype=torch.int32)
     cfg = dict(_tile_config(_interpreted()), **(config or {}))
+    check_weight_offsets(W_enc, cfg["block_d"], "topk_encode_filtered")
     grid = (triton.cdiv(n, cfg["block_n"]) * triton.cdiv(m, cfg["block_m"]),)
     with _device_ctx(x):
         _filter_kernel[grid](
