@@ -126,6 +126,7 @@ class Trainer:
         if sae.cfg.architecture in ("topk", "batchtopk"):
             sae.remove_gradient_parallel_to_decoder_directions()
         self.opt.step()
+        lr = self.sched.get_last_lr()[0]  # the rate this step used (read before the schedule moves on)
         self.sched.step()
         if sae.cfg.architecture in ("topk", "batchtopk"):
             sae.set_decoder_norm_to_unit_norm()
@@ -149,7 +150,7 @@ class Trainer:
         self.step += 1
         self.tokens += n
         row = dict(step=self.step, tokens=self.tokens, loss=metrics["loss"], fvu=metrics["fvu"], l0=metrics["l0"],
-                   aux=metrics["aux"], dead_frac=dead.float().mean().item(), lr=self.sched.get_last_lr()[0])
+                   aux=metrics["aux"], dead_frac=dead.float().mean().item(), lr=lr)
         return row
 
     def fit(self, data, target: Optional[torch.Tensor] = None, *,

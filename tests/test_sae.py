@@ -394,3 +394,21 @@ def test_resume_with_sharded_source(tmp_path):
     t.fit(mk_src())
     for (name, a), (_, b) in zip(whole.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_logged_lr_is_the_one_each_step_used():
+    """Each metrics row carries the learning rate its own Adam step ran with (it once showed
+    the next step's: read after the scheduler had moved on)."""
+    sae = SparseAutoencoder(SAEConfig(d_in=6, num_latents=12, k=2), backend="reference")
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1.0, warmup_steps=4, log_every=1, dead_tokens=64)
+    trainer = Trainer(sae, cfg, progress=False)
+    used = []
+    real_step = trainer.opt.step
+
+    def step_and_record(*args, **kwargs):
+        used.append(trainer.opt.param_groups[0]["lr"])
+        return real_step(*args, **kwargs)
+
+    trainer.opt.step = step_and_record
+    history = trainer.fit(torch.randn(64, 6, generator=torch.Generator().manual_seed(0)))
+    assert [row["lr"] for row in history] == used and used[0] == 0.25 and len(used) == 6
