@@ -220,8 +220,9 @@ def test_block_sparse_matches_explicit_selection(T, bm, bn):
 def _explicit_a_shape(T, sink, local, bm):
     i = torch.arange(T)[:, None]
     j = torch.arange(T)[None, :]
-    hi = torch.clamp((i // bm) * bm + bm, max=T)
-    return (j <= i) & ((j < sink) | (j >= hi - local))
+    m0 = (i // bm) * bm
+    hi = torch.clamp(m0 + bm, max=T)
+    return (j <= i) & ((j < sink) | (j >= torch.minimum(hi - local, m0)))
 
 
 @pytest.mark.parametrize("sink, local", [(0, 1), (4, 1), (5, 70), (128, 64), (70, 5), (64, 100), (3, 150), (300, 7),
@@ -233,6 +234,9 @@ def test_a_shape_equals_sink_plus_window_mask(sink, local, T, bm, bn):
     assert got.shape == (2, 2, T, T)
     torch.testing.assert_close(got[1, 0], _explicit_a_shape(T, sink, local, bm))
     torch.testing.assert_close(got[0, 1], _explicit_a_shape(T, 1, 3, bm))
+    # every row sees itself, even with a window narrower than a query block (it once saw
+    # nothing there: zero output rows)
+    assert bool(got.diagonal(dim1=-2, dim2=-1).all())
     # no key listed twice: ranges disjoint and columns outside them
     bc, bo, cc, ci = index
     for qb in range(bc.shape[2]):

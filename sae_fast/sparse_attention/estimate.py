@@ -261,9 +261,11 @@ def a_shape_index(batch: int, T: int, sink: Budget, local: Budget, *, num_heads:
 
     Semantics (exact, per row): query row i of query block ``qb`` (rows ``m0 .. hi-1``,
     ``hi = min(m0 + block_m, T)``) attends to keys ``j <= i`` with ``j < sink`` or
-    ``j >= hi - local``. The window is anchored at the block's last row (the last row of a
-    block sees exactly ``local`` recent keys, earlier rows of the block fewer), because the
-    kernel's lists are per query block. Sinks are whole ``block_n`` ranges plus single columns
+    ``j >= min(hi - local, m0)``. The window is anchored at the block's last row (the last row
+    of a block sees exactly ``local`` recent keys, earlier rows of the block fewer), because the
+    kernel's lists are per query block; it always reaches back to the block's first row, so a
+    window narrower than ``block_m`` still lets every row see itself (anchored at the last row
+    alone, the first rows of a block saw no key at all and output zeros). Sinks are whole ``block_n`` ranges plus single columns
     for a remainder; the window is ranges from its first key (a range running past the
     diagonal is trimmed by the causal mask). When the window reaches the sinks the two merge
     into one run of ranges from key 0, so no key is listed twice.
@@ -282,14 +284,14 @@ def a_shape_index(batch: int, T: int, sink: Budget, local: Budget, *, num_heads:
         raise ValueError(f"a_shape_index: local must be >= 1 (each row sees itself), got {lc}")
     lc = [min(x, T) for x in lc]
     nqb = _cdiv(T, block_m)
-    max_blocks = min(_cdiv(T, block_n) + 1, max(s // block_n + _cdiv(w, block_n) for s, w in zip(sk, lc)) + 1)
+    max_blocks = min(_cdiv(T, block_n) + 1, max(s // block_n + _cdiv(max(w, block_m), block_n) for s, w in zip(sk, lc)) + 1)
     max_cols = min(block_n - 1, max(s % block_n for s in sk))
     dev = torch.device(device) if device is not None else torch.device("cpu")
     sink_t = torch.tensor(sk, device=dev).view(H, 1, 1)
     local_t = torch.tensor(lc, device=dev).view(H, 1, 1)
     m0 = (torch.arange(nqb, device=dev) * block_m).view(1, nqb, 1)
     hi = torch.clamp(m0 + block_m, max=T)
-    lo = (hi - local_t).clamp(min=0)  # [H, nqb, 1]
+    lo = torch.minimum(hi - local_t, m0).clamp(min=0)  # [H, nqb, 1]: at least the block's own rows
     merged = lo <= sink_t
     full_sink = torch.where(merged, torch.zeros_like(sink_t), sink_t // block_n)
     n_win = torch.where(merged, _cdiv_t(hi, block_n), _cdiv_t(hi - lo, block_n))
