@@ -230,6 +230,27 @@ def test_gemma_sized_heads_take_the_triton_path():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
+def test_mla_values_narrower_than_queries_fall_back():
+    """DeepSeek-V3's MLA: queries and keys 24 wide (16 + 8 rotary), values 16 wide, and no
+    head_dim attribute to refuse at patch time. Every layer falls back to its own attention
+    (the sparse kernel raised on the first long prefill) and the logits are the unpatched ones."""
+    if not hasattr(transformers, "DeepseekV3ForCausalLM"):
+        pytest.skip("this transformers has no DeepSeek-V3")
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=HEADS, max_position_embeddings=512, q_lora_rank=None, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=LAYERS, moe_intermediate_size=32, attn_implementation="sdpa")
+    model = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    ids = _ids(T=100)
+    want = _logits(model, ids)
+    with patch_sparse_attention(model, FULL["vertical_slash"], min_prefill_len=16, backend="reference") as h:
+        got = _logits(model, ids)
+    assert dict(h.stats) == {"fallback:head_dim": LAYERS}
+    torch.testing.assert_close(got, want)
+
+
 def test_gpt_oss_sinks_fall_back():
     """GPT-OSS adds per-head attention sinks to the softmax (``s_aux``): every layer falls
     back to its own eager attention, and the logits are the unpatched ones."""

@@ -164,7 +164,8 @@ class SparseAttentionPatch:
     (every head of the layer dense: the original implementation is faster) and
     ``"fallback:<reason>"`` (reasons: ``short``, ``kv_cache``, ``mask``, ``dropout``,
     ``output_attentions``, ``softcap``, ``sliding_window``, ``sinks``, ``position_bias``,
-    ``paged_cache``, ``not_causal``, ``dtype``)."""
+    ``paged_cache``, ``not_causal``, ``dtype``, ``head_dim``: values of another width than the
+    queries, as in DeepSeek's MLA, or heads wider than the kernel's limit)."""
 
     def __init__(self, model, config: SparseAttentionConfig, modules, original: str, *, min_prefill_len: int,
                  block_m: int, block_n: int, last_q: int, backend: Optional[str], index_backend: Optional[str]):
@@ -181,7 +182,7 @@ class SparseAttentionPatch:
 
     # -------------------------------------------------------------- decisions
 
-    def _fallback_reason(self, module, query, key, attention_mask, dropout, kwargs) -> Optional[str]:
+    def _fallback_reason(self, module, query, key, value, attention_mask, dropout, kwargs) -> Optional[str]:
         if kwargs.get("output_attentions"):
             return "output_attentions"
         if dropout and dropout > 0:
@@ -208,10 +209,14 @@ class SparseAttentionPatch:
             return "short"
         if query.dtype not in _FLOAT_DTYPES:
             return "dtype"
+        # DeepSeek-V2/V3's compressed attention (MLA): values narrower than queries and keys
+        # (head_dim is None on those modules, so patching could not tell)
+        if value.shape[-1] != query.shape[-1] or query.shape[-1] > MAX_HEAD_DIM:
+            return "head_dim"
         return None
 
     def _attend(self, module, layer, query, key, value, attention_mask, dropout, scaling, kwargs):
-        reason = self._fallback_reason(module, query, key, attention_mask, dropout, kwargs)
+        reason = self._fallback_reason(module, query, key, value, attention_mask, dropout, kwargs)
         patterns = self.config.layers[layer]
         if reason is None and all(p.kind == "dense" for p in patterns):
             reason = "dense_layer"
