@@ -424,3 +424,22 @@ def test_real_smollm2_sparse_prefill_loss_close_to_dense():
     assert h.stats == {"sparse": n_layers}
     assert dense < 4.0  # the model reads English
     assert sparse != dense and abs(sparse - dense) < 0.02 * dense, (dense, sparse)
+
+
+def test_a_patched_model_dropped_without_undo_is_freed():
+    """The registry of patched modules is weak, and the handle it keeps holds the model weakly:
+    a model deleted while patched (no undo) is garbage-collected, as an unpatched one is."""
+    import gc
+    import weakref
+
+    from sae_fast.sparse_attention import patch as patch_module
+
+    model = _llama()
+    handle = patch_sparse_attention(model, FULL["vertical_slash"], min_prefill_len=16, backend="reference")
+    assert handle.model is model
+    alive = weakref.ref(model)
+    before = len(patch_module._PATCHED)
+    del model, handle
+    gc.collect()
+    assert alive() is None
+    assert len(patch_module._PATCHED) == before - LAYERS

@@ -169,16 +169,23 @@ class SparseAttentionPatch:
 
     def __init__(self, model, config: SparseAttentionConfig, modules, original: str, *, min_prefill_len: int,
                  block_m: int, block_n: int, last_q: int, backend: Optional[str], index_backend: Optional[str]):
-        self.model = model
+        # Weak references: _PATCHED's values hold this handle, so strong ones would keep a
+        # patched model alive forever once the caller dropped it without undo().
+        self._model = weakref.ref(model)
         self.config = config
         self.original = original
         self.min_prefill_len = min_prefill_len
         self.block_m, self.block_n, self.last_q = block_m, block_n, last_q
         self.backend, self.index_backend = backend, index_backend
         self.stats = collections.Counter()
-        self._modules = list(modules)
+        self._modules = [weakref.ref(m) for m in modules]
         self._fallbacks = {}
         self.active = True
+
+    @property
+    def model(self):
+        """The patched model (None once it has been garbage-collected)."""
+        return self._model()
 
     # -------------------------------------------------------------- decisions
 
@@ -241,10 +248,12 @@ class SparseAttentionPatch:
         """Restore the original attention implementation (idempotent)."""
         if not self.active:
             return
-        for m in self._modules:
-            if _PATCHED.get(m, (None,))[0] is self:
+        for ref in self._modules:
+            m = ref()
+            if m is not None and _PATCHED.get(m, (None,))[0] is self:
                 del _PATCHED[m]
-        _set_impl(self.model, self.original)
+        if self.model is not None:
+            _set_impl(self.model, self.original)
         self.active = False
 
     def __enter__(self):
