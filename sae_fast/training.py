@@ -89,6 +89,12 @@ class Trainer:
 
     @torch.no_grad()
     def init_b_dec(self, data: torch.Tensor) -> None:
+        """b_dec = the mean of the sample in the space b_dec lives in: with ``input_norm=
+        "layer_norm"`` that is the normalised rows (the raw mean, added to normalised
+        reconstructions, started such a run at FVU ~200). A transcoder's sample holds only the
+        targets, so their own row statistics stand in for the inputs' there."""
+        if self.sae.cfg.input_norm != "none":
+            data = self.sae._normalise(data.float())[0]
         self.sae.b_dec.copy_(data.float().mean(0).to(self.sae.b_dec.dtype))
         if self.dp is not None:  # every rank saw the same global sample; rank 0's mean is the one
             self.dp.broadcast_(self.sae.b_dec)

@@ -412,3 +412,22 @@ def test_logged_lr_is_the_one_each_step_used():
     trainer.opt.step = step_and_record
     history = trainer.fit(torch.randn(64, 6, generator=torch.Generator().manual_seed(0)))
     assert [row["lr"] for row in history] == used and used[0] == 0.25 and len(used) == 6
+
+
+def test_b_dec_starts_at_the_mean_of_layer_normed_inputs():
+    """With input_norm="layer_norm" b_dec lives in the normalised space (subtracted from the
+    normalised input, added to the reconstruction before it is un-normalised): it starts at the
+    mean of the normalised rows (fp64 here), and so the first step's FVU is that of a sensible
+    constant, not ~100x the data's variance as with the raw mean."""
+    g = torch.Generator().manual_seed(4)
+    d = 16
+    data = torch.randn(512, d, generator=g) + 5 * torch.randn(d, generator=g)
+    sae = SparseAutoencoder(SAEConfig(d_in=d, num_latents=32, k=4, input_norm="layer_norm"), backend="reference")
+    trainer = Trainer(sae, TrainConfig(steps=1, batch_size=512, log_every=1, dead_tokens=4096), progress=False)
+    trainer.init_b_dec(data)
+    x = data.double()
+    centred = x - x.mean(1, keepdim=True)
+    normalised = centred / (centred.std(1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(sae.b_dec.double(), normalised.mean(0), atol=1e-6, rtol=1e-6)
+    history = trainer.fit(data)
+    assert history[0]["fvu"] < 1.5
