@@ -179,6 +179,7 @@ class Trainer:
             source = self.dp.shard_source(source, c.batch_size)
         if self.step == 0:
             self.init_b_dec(source.sample_for_init())
+        saved_at = None
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
         t0 = time.perf_counter()
         log = open(self.metrics_path, "a") if self.metrics_path and self.is_main else None
@@ -199,7 +200,8 @@ class Trainer:
                 bar.update(1)
                 if checkpoint_dir and checkpoint_every and self.step % checkpoint_every == 0:
                     self.save_checkpoint(checkpoint_dir)
-            if checkpoint_dir:
+                    saved_at = self.step
+            if checkpoint_dir and saved_at != self.step:  # (the last step may have just been saved)
                 self.save_checkpoint(checkpoint_dir)
         finally:
             bar.close()
@@ -215,22 +217,25 @@ class Trainer:
     # ---- checkpoints
 
     def save_checkpoint(self, root: Path) -> Path:
-        """Write ``root/step-N`` completely, then point ``root/latest`` at it (atomic rename)
-        and remove older step folders. Data parallel: rank 0 writes (every rank holds the same
+        """Write ``root/step-N`` completely (``step-N.1``... when that folder exists: saved
+        again at one step), then point ``root/latest`` at it (atomic rename) and only then
+        remove the other step folders. Data parallel: rank 0 writes (every rank holds the same
         state) while the others wait (collective)."""
         root = Path(root)
-        final = root / f"step-{self.step}"
-        if self.is_main:
-            self._write_checkpoint(root)
+        final = self._write_checkpoint(root) if self.is_main else None
         if self.dp is not None:
             self.dp.barrier()
-        return final
+        return final if final is not None else root / (root / "latest").read_text().strip()
 
     def _write_checkpoint(self, root: Path) -> Path:
         from safetensors.torch import save_file
 
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step-{self.step}"
+        again = 0
+        while final.exists():  # never delete what `latest` may point to before the switch
+            again += 1
+            final = root / f"step-{self.step}.{again}"
         tmp = root / f".step-{self.step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         self.sae.save(tmp / "sae")
@@ -246,7 +251,6 @@ class Trainer:
                     param_groups=opt["param_groups"], param_names=[names[id(p)] for p in params],
                     scheduler=self.sched.state_dict(), history=self.history)
         (tmp / "trainer.json").write_text(json.dumps(meta))
-        shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         pointer = root / ".latest.tmp"
         pointer.write_text(final.name)

@@ -431,3 +431,45 @@ def test_b_dec_starts_at_the_mean_of_layer_normed_inputs():
     torch.testing.assert_close(sae.b_dec.double(), normalised.mean(0), atol=1e-6, rtol=1e-6)
     history = trainer.fit(data)
     assert history[0]["fvu"] < 1.5
+
+
+def test_checkpoint_saved_once_per_step_and_a_resave_never_deletes_latest_first(tmp_path, monkeypatch):
+    """The last step used to be written twice (its periodic save, then the final one), and the
+    second write deleted the folder ``latest`` pointed to before renaming the new one in: a
+    kill between the two lost the run. Now: one write per step, and a second save at one step
+    goes to a new folder; the pointer switches before anything is removed."""
+    import shutil as shutil_module
+
+    from sae_fast import training
+
+    sae = SparseAutoencoder(SAEConfig(d_in=6, num_latents=12, k=2), backend="reference")
+    trainer = Trainer(sae, TrainConfig(steps=4, batch_size=8, log_every=1, dead_tokens=64), progress=False)
+    writes = []
+    real_write = trainer._write_checkpoint
+    monkeypatch.setattr(trainer, "_write_checkpoint", lambda root: writes.append(trainer.step) or real_write(root))
+    data = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+    trainer.fit(data, checkpoint_dir=tmp_path, checkpoint_every=2)
+    assert writes == [2, 4]
+    assert (tmp_path / "latest").read_text() == "step-4"
+
+    # Saved again at step 4 and killed at its first removal of a step folder (the call before
+    # it clears a stale temporary folder): latest must still load.
+    calls = []
+
+    def killed(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return shutil_module.rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(training.shutil, "rmtree", killed)
+    try:
+        trainer.save_checkpoint(tmp_path)
+    except KeyboardInterrupt:
+        pass
+    assert len(calls) == 2
+    monkeypatch.setattr(training.shutil, "rmtree", shutil_module.rmtree)
+    fresh = Trainer(SparseAutoencoder(SAEConfig(d_in=6, num_latents=12, k=2), backend="reference"),
+                    TrainConfig(steps=4, batch_size=8, log_every=1, dead_tokens=64), progress=False)
+    fresh.resume(tmp_path)
+    assert fresh.step == 4 and torch.equal(fresh.sae.W_enc, sae.W_enc)
