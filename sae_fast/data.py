@@ -178,10 +178,15 @@ class _BufferedSource:
 class ShardedActivations(_BufferedSource):
     def __init__(self, path, *, seed: int = 0, chunk_rows: int = 4096, chunks_per_buffer: int = 16):
         super().__init__(seed)
+        for name, v in (("chunk_rows", chunk_rows), ("chunks_per_buffer", chunks_per_buffer)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"ShardedActivations: {name} must be a positive int, got {v!r}")
         self.shards = _shards(path)
         self.width = self.shards[0].width
         self.chunk_rows, self.chunks_per_buffer = chunk_rows, chunks_per_buffer
         self.chunks = [(i, s0) for i, s in enumerate(self.shards) for s0 in range(0, s.rows, chunk_rows)]
+        if not self.chunks:
+            raise ValueError(f"activations: {path} holds no rows (every file is [0, d])")
 
     def __len__(self):
         return sum(s.rows for s in self.shards)

@@ -65,11 +65,21 @@ class SAEConfig:
                 raise ValueError(f"SAEConfig: {name} must be a positive int, got {v!r}")
         if self.architecture in ("topk", "batchtopk") and self.k > self.num_latents:
             raise ValueError(f"SAEConfig: k={self.k} exceeds num_latents={self.num_latents}")
+        if isinstance(self.k_aux, bool) or not isinstance(self.k_aux, int) or not 0 <= self.k_aux <= self.num_latents:
+            raise ValueError(f"SAEConfig: k_aux must be an int in [0, num_latents={self.num_latents}], got {self.k_aux!r}")
+        if self.d_out is not None and (isinstance(self.d_out, bool) or not isinstance(self.d_out, int) or self.d_out < 1):
+            raise ValueError(f"SAEConfig: d_out must be None or a positive int, got {self.d_out!r}")
         if self.d_out is not None and self.d_out != self.d_in and self.apply_b_dec_to_input:
             raise ValueError("SAEConfig: a transcoder (d_out != d_in) cannot subtract b_dec from its input; "
                              "set apply_b_dec_to_input=False")
         if not (self.bandwidth > 0 and math.isfinite(self.bandwidth)):
             raise ValueError(f"SAEConfig: bandwidth must be > 0, got {self.bandwidth!r}")
+        if not (self.initial_threshold > 0 and math.isfinite(self.initial_threshold)):  # stored as log θ
+            raise ValueError(f"SAEConfig: initial_threshold must be > 0, got {self.initial_threshold!r}")
+        for name in ("aux_coeff", "l1_coeff", "l0_coeff"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"SAEConfig: {name} must be a finite number >= 0, got {v!r}")
         if self.input_norm not in INPUT_NORMS:
             raise ValueError(f"SAEConfig: input_norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
         if self.input_norm == "layer_norm" and self.d_in < 2:
@@ -115,10 +125,37 @@ class SparseAutoencoder(nn.Module):
             # made from; in fp32, θ is within an fp32 ulp and rounds to the same 16-bit value
             self.log_threshold = nn.Parameter(torch.full((m,), math.log(cfg.initial_threshold), device=device,
                                                          dtype=torch.promote_types(dtype, torch.float32)))
-        # BatchTopK inference threshold (a running estimate the trainer updates); < 0: unset
-        self.register_buffer("batch_threshold", torch.tensor(-1.0, **kw), persistent=True)
+        # BatchTopK inference threshold (a running estimate the trainer updates); < 0: unset. At
+        # least fp32: its 0.99-momentum update moves it by 1% of a step, below half a bf16 ulp
+        # once the estimate settles, so a 16-bit copy freezes
+        self.register_buffer("batch_threshold", torch.tensor(-1.0, device=device,
+                                                             dtype=torch.promote_types(dtype, torch.float32)),
+                             persistent=True)
         if init:
             self.reset_parameters()
+
+    # the per-latent / running thresholds keep at least fp32 whatever dtype the module is cast to
+    _FP32_STATE = ("log_threshold", "batch_threshold")
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()``, ``.bfloat16()`` cast the weights but keep the thresholds
+        in at least fp32, converted from their unrounded values (they are M + 1 numbers; see
+        ``__init__`` for why 16 bits is not enough)."""
+        before = {n: getattr(self, n).data for n in self._FP32_STATE if getattr(self, n, None) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            t = getattr(self, name)
+            want = torch.promote_types(t.dtype, torch.float32)
+            if t.dtype == want:
+                continue
+            fixed = old.to(device=t.device, dtype=want)
+            if isinstance(t, nn.Parameter):
+                t.data = fixed
+                if t.grad is not None:
+                    t.grad = t.grad.to(want)
+            else:
+                self._buffers[name] = fixed
+        return self
 
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
         """Decoder rows: random unit vectors; encoder = decoder transposed (the usual TopK

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import warnings
 import shutil
 import time
 from pathlib import Path
@@ -46,6 +48,29 @@ class TrainConfig:
     l0_warmup_steps: int = 0  # JumpReLU: L0 coefficient ramps from 0 over these steps
     log_every: int = 50
     seed: int = 0
+
+    def __post_init__(self):
+        def bad(name, want):
+            raise ValueError(f"TrainConfig: {name} must be {want}, got {getattr(self, name)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("steps", "warmup_steps", "l0_warmup_steps", "seed"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                bad(name, "an int >= 0")
+        for name in ("batch_size", "dead_tokens", "log_every"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                bad(name, "a positive int")
+        if not is_real(self.lr) or self.lr <= 0:
+            bad("lr", "a finite number > 0")
+        if not is_real(self.decay_start) or not 0 <= self.decay_start <= 1:
+            bad("decay_start", "a fraction in [0, 1]")
+        if not is_real(self.threshold_momentum) or not 0 <= self.threshold_momentum < 1:
+            bad("threshold_momentum", "in [0, 1)")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -131,14 +156,14 @@ class Trainer:
             self.dp.all_reduce_gradients(sae.parameters())
         if sae.cfg.architecture in ("topk", "batchtopk"):
             sae.remove_gradient_parallel_to_decoder_directions()
+        lr = self.opt.param_groups[0]["lr"]  # the rate this step uses (read before the schedule moves on)
         self.opt.step()
-        lr = self.sched.get_last_lr()[0]  # the rate this step used (read before the schedule moves on)
         self.sched.step()
         if sae.cfg.architecture in ("topk", "batchtopk"):
             sae.set_decoder_norm_to_unit_norm()
         if sae.cfg.architecture == "batchtopk":
             with torch.no_grad():
-                t = out.codes.threshold.to(sae.batch_threshold.dtype)
+                t = out.codes.threshold.to(sae.batch_threshold.dtype)  # (the buffer is >= fp32: see SAE)
                 if self.dp is not None:  # the smallest value kept on any rank
                     t = self.dp.min_(t)
                 cur = sae.batch_threshold
@@ -173,6 +198,7 @@ class Trainer:
 
         c = self.cfg
         source = InMemoryActivations(data, target, seed=c.seed) if isinstance(data, torch.Tensor) else data
+        self._check_widths(source)
         if self.data_state is not None:
             source.load_state(self.data_state)
         if self.dp is not None:  # next_batch(global batch) -> this rank's slice
@@ -181,8 +207,13 @@ class Trainer:
             self.init_b_dec(source.sample_for_init())
         saved_at = None
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
-        t0 = time.perf_counter()
-        log = open(self.metrics_path, "a") if self.metrics_path and self.is_main else None
+        log = None
+        if self.metrics_path and self.is_main:
+            # the file restarts from the rows this trainer holds: after a resume, the rows a
+            # crashed run logged past its checkpoint are dropped (the run logs them again)
+            _write_lines(Path(self.metrics_path), [json.dumps(row) for row in self.history])
+            log = open(self.metrics_path, "a")
+        t0, tokens0 = time.perf_counter(), self.tokens
         try:
             while self.step < min(c.steps, stop_at or c.steps):
                 x, y = source.next_batch(c.batch_size)
@@ -190,7 +221,7 @@ class Trainer:
                 row = self.train_step(x.to(dev, dt), None if y is None else y.to(dev, dt))
                 self.data_state = source.state()
                 if self.step % c.log_every == 0 or self.step == c.steps:
-                    row["tokens_per_s"] = self.tokens / max(time.perf_counter() - t0, 1e-9)
+                    row["tokens_per_s"] = (self.tokens - tokens0) / max(time.perf_counter() - t0, 1e-9)
                     self.history.append(row)
                     if log:
                         log.write(json.dumps(row) + "\n")
@@ -208,6 +239,20 @@ class Trainer:
             if log:
                 log.close()
         return self.history
+
+    def _check_widths(self, source) -> None:
+        """Clear errors for data that does not fit the SAE (the first matmul's are bare)."""
+        cfg = self.sae.cfg
+        width = getattr(source, "width", None)
+        if width is not None and width != cfg.d_in:
+            raise ValueError(f"Trainer.fit: the activations are {width} wide but the SAE's d_in is {cfg.d_in}")
+        target = getattr(source, "target", None)
+        if target is not None and (target.dim() != 2 or target.shape[1] != cfg.output_dim):
+            raise ValueError(f"Trainer.fit: the targets must be [T, {cfg.output_dim}] (the SAE's output width), "
+                             f"got {tuple(target.shape)}")
+        if target is None and cfg.output_dim != cfg.d_in:
+            raise ValueError(f"Trainer.fit: this transcoder maps d_in={cfg.d_in} to d_out={cfg.output_dim}; "
+                             "pass its targets (fit(data, target))")
 
     def feature_density(self) -> torch.Tensor:
         """Firing frequency per latent over the tokens seen (for the density histogram)."""
@@ -291,7 +336,29 @@ class Trainer:
                 state[i] = {k: (v if k == "step" else v.to(dev)) for k, v in entry.items()}
         self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.sched.load_state_dict(meta["scheduler"])
+        # this trainer's config applies from here on (a longer run, a new lr): the checkpoint's
+        # schedule state carries the old base lr, so it is replaced; differences are reported
+        # because the run then differs from the uninterrupted one
+        saved_cfg, now = meta["config"], dataclasses.asdict(self.cfg)
+        changed = {k: (saved_cfg[k], now[k]) for k in now if k in saved_cfg and saved_cfg[k] != now[k]}
+        if changed.keys() - {"steps", "log_every"}:
+            listing = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
+            warnings.warn(f"resume: {ckpt} was trained with a different TrainConfig ({listing}); this trainer's values "
+                          f"apply from step {meta['step']}", stacklevel=2)
+        if saved_cfg.get("lr") != self.cfg.lr:
+            self.sched.base_lrs = [self.cfg.lr for _ in self.opt.param_groups]
+            for group in self.opt.param_groups:
+                group["initial_lr"] = self.cfg.lr
+                group["lr"] = self.cfg.lr * self._lr_factor(self.sched.last_epoch)
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
         self.fired_count.copy_(tensors["fired_count"])
         self.step, self.tokens, self.data_state = meta["step"], meta["tokens"], meta["data_state"]
         self.history = meta["history"]
+
+
+def _write_lines(path: Path, lines: list) -> None:
+    """Replace ``path`` with ``lines`` through a temporary file (a crash keeps the old file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)

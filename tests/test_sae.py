@@ -473,3 +473,53 @@ def test_checkpoint_saved_once_per_step_and_a_resave_never_deletes_latest_first(
                     TrainConfig(steps=4, batch_size=8, log_every=1, dead_tokens=64), progress=False)
     fresh.resume(tmp_path)
     assert fresh.step == 4 and torch.equal(fresh.sae.W_enc, sae.W_enc)
+
+
+def test_bf16_batchtopk_running_threshold_is_updated_in_fp32():
+    """A bf16 BatchTopK SAE's running threshold follows the fp32 recursion
+    t ← 0.99·t + 0.01·(the step's smallest kept value). In bf16 the buffer froze: once the
+    estimate settles, 1% of the gap is below half an ulp and every update rounds away."""
+    from sae_fast.demo import synthetic_data
+
+    data, _ = synthetic_data(DemoConfig(d=16, num_features=32, samples=2048), torch.Generator().manual_seed(0))
+    sae = SparseAutoencoder(SAEConfig(d_in=16, num_latents=48, architecture="batchtopk", k=3), dtype=torch.bfloat16,
+                            backend="reference")
+    assert sae.batch_threshold.dtype == torch.float32 and sae.W_enc.dtype == torch.bfloat16
+    trainer = Trainer(sae, TrainConfig(steps=60, batch_size=64, lr=1e-3, log_every=10, dead_tokens=10 ** 9),
+                      progress=False)
+    seen = []
+    forward = sae.forward
+
+    def forward_and_record(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        seen.append(float(out.codes.threshold.detach()))
+        return out
+
+    sae.forward = forward_and_record
+    trainer.fit(data)
+    want = torch.tensor(seen[0], dtype=torch.float32)
+    for t in seen[1:]:
+        want = 0.99 * want + 0.01 * torch.tensor(t, dtype=torch.float32)
+    assert len(seen) == 60 and sae.batch_threshold.dtype == torch.float32
+    torch.testing.assert_close(sae.batch_threshold, want, rtol=1e-6, atol=0)
+
+
+def test_casting_the_module_keeps_thresholds_in_fp32():
+    """.to(bf16) / .half() cast the weights; log θ and the BatchTopK threshold stay fp32 and
+    keep their unrounded values (a round trip through 16 bits moved θ by up to 3 ulps)."""
+    sae = _sae("jumprelu").float()
+    with torch.no_grad():
+        sae.log_threshold.copy_(torch.linspace(-3.0, 0.3, 40))
+    exact = sae.log_threshold.detach().clone()
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        sae = cast(sae)
+        assert sae.log_threshold.dtype == torch.float32 and torch.equal(sae.log_threshold.detach(), exact)
+        assert isinstance(sae.log_threshold, torch.nn.Parameter) and "log_threshold" in dict(sae.named_parameters())
+    assert sae.double().log_threshold.dtype == torch.float64  # wider than fp32 is kept as asked
+    b = _sae("batchtopk").float()
+    with torch.no_grad():
+        b.batch_threshold.fill_(0.123456789)
+    b = b.bfloat16()
+    assert b.W_enc.dtype == torch.bfloat16 and b.batch_threshold.dtype == torch.float32
+    assert float(b.batch_threshold) == float(torch.tensor(0.123456789, dtype=torch.float32))
+    assert "batch_threshold" in b.state_dict()
