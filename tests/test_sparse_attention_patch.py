@@ -313,9 +313,51 @@ def test_errors():
         patch_sparse_attention(torch.nn.Linear(2, 2), SparseAttentionConfig.dense(1, 2))
     with pytest.raises(ValueError, match="head_dim 320 exceeds"):
         patch_sparse_attention(_llama(head_dim=320), FULL["a_shape"])
+    for kw, message in ((dict(last_q=0), "last_q must be a positive int"), (dict(last_q=True), "last_q"),
+                        (dict(backend="tirton"), "backend must be None or one of"),
+                        (dict(backend="cuda"), "backend must be None or one of"),
+                        (dict(index_backend="fast"), "index_backend must be None or one of")):
+        with pytest.raises(ValueError, match=message):  # at patch time, not at the first long prefill
+            patch_sparse_attention(model, FULL["a_shape"], **kw)
+    assert model.config._attn_implementation == "sdpa"
     model.config._attn_implementation_internal = "flex_attention"
     with pytest.raises(ValueError, match="supported originals are"):
         patch_sparse_attention(model, FULL["a_shape"])
+
+
+def test_a_deep_copy_of_a_patched_eager_model_runs_its_own_eager_attention():
+    """TRL and others deep-copy a model (a frozen reference) after it was patched: the copy
+    carries our implementation name but not the patch. Its layers must run the original
+    implementation, here Gemma 2's eager soft-capping (SDPA would refuse the softcap)."""
+    import copy
+
+    model = _tiny(transformers.Gemma2Config, transformers.Gemma2ForCausalLM, attn_logit_softcapping=50.0,
+                  sliding_window=32, query_pre_attn_scalar=24)
+    ids = _ids(T=100)
+    want = _logits(model, ids)
+    with patch_sparse_attention(model, FULL["vertical_slash"], min_prefill_len=16, backend="reference"):
+        twin = copy.deepcopy(model)
+    assert twin.config._attn_implementation == "sae_fast_sparse"
+    torch.testing.assert_close(_logits(twin, ids), want, atol=2e-5, rtol=2e-5)
+    llama = _llama(attn="eager")
+    ids = _ids(T=40)
+    want = _logits(llama, ids)
+    with patch_sparse_attention(llama, FULL["a_shape"], min_prefill_len=16, backend="reference"):
+        twin = copy.deepcopy(llama)
+    assert all("_sae_fast_original_attention" not in layer.self_attn.__dict__ for layer in llama.model.layers)
+    torch.testing.assert_close(_logits(twin, ids), want, atol=2e-5, rtol=2e-5)
+
+
+def test_search_on_layers_the_patch_leaves_dense_says_why():
+    model = _tiny(transformers.Gemma2Config, transformers.Gemma2ForCausalLM, attn_logit_softcapping=None,
+                  sliding_window=32, query_pre_attn_scalar=24)
+    with pytest.raises(ValueError, match="layer 0 attends within a sliding window of 32 keys"):
+        search_patterns(model, _ids(B=1, T=100), [HeadPattern.a_shape(64, 64)])
+    model = _tiny(transformers.Gemma2Config, transformers.Gemma2ForCausalLM, attn_logit_softcapping=50.0,
+                  sliding_window=4096, query_pre_attn_scalar=24)
+    with pytest.raises(ValueError, match="layer 0 uses softcap attention"):
+        search_patterns(model, _ids(B=1, T=100), [HeadPattern.a_shape(64, 64)])
+    assert model.config._attn_implementation == "eager"
 
 
 @pytest.mark.gpu

@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .._backend import BACKENDS
 from ..hf import decoder_layers
 from ..ops.attention import MAX_HEAD_DIM, block_sparse_attention
 from .estimate import LAST_Q, build_layer_index
@@ -42,6 +43,10 @@ IMPL_NAME = "sae_fast_sparse"
 # than dense FlashAttention below ~50K tokens; re-tune with benchmarks/bench_sparse_prefill.py.
 DEFAULT_MIN_PREFILL_LEN = 16384
 _SUPPORTED_ORIGINALS = ("sdpa", "eager")
+# Set on each patched attention module: a deep copy of a patched model (TRL's reference model,
+# say) shares our implementation name but none of the patch; its modules find their original
+# implementation here instead of assuming SDPA (eager-only models such as Gemma2 raise there)
+_ORIGINAL_ATTR = "_sae_fast_original_attention"
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # attention module -> (handle, layer index). Weak: a deleted model leaves nothing behind.
@@ -150,8 +155,9 @@ def _sparse_attention_forward(module, query, key, value, attention_mask, dropout
                               scaling: Optional[float] = None, **kwargs):
     entry = _PATCHED.get(module)
     if entry is None:  # a module of a model that shares our implementation name but is not patched
-        return original_attention(module, "sdpa")(module, query, key, value, attention_mask, dropout=dropout,
-                                                  scaling=scaling, **kwargs)
+        impl = module.__dict__.get(_ORIGINAL_ATTR, "sdpa")
+        return original_attention(module, impl)(module, query, key, value, attention_mask, dropout=dropout,
+                                                scaling=scaling, **kwargs)
     handle, layer = entry
     return handle._attend(module, layer, query, key, value, attention_mask, dropout, scaling, kwargs)
 
@@ -252,6 +258,7 @@ class SparseAttentionPatch:
             m = ref()
             if m is not None and _PATCHED.get(m, (None,))[0] is self:
                 del _PATCHED[m]
+                m.__dict__.pop(_ORIGINAL_ATTR, None)
         if self.model is not None:
             _set_impl(self.model, self.original)
         self.active = False
@@ -295,8 +302,15 @@ def patch_sparse_attention(model, config: SparseAttentionConfig, *, min_prefill_
     if isinstance(min_prefill_len, bool) or not isinstance(min_prefill_len, int) or min_prefill_len < 1:
         raise ValueError(f"patch_sparse_attention: min_prefill_len must be a positive int, got {min_prefill_len!r}")
     for name, bs in (("block_m", block_m), ("block_n", block_n)):
-        if bs not in (16, 32, 64, 128, 256):
+        if isinstance(bs, bool) or bs not in (16, 32, 64, 128, 256):
             raise ValueError(f"patch_sparse_attention: {name} must be a power of two in [16, 256], got {bs!r}")
+    # checked here, not at the first long prefill (which may come hours into a job)
+    if isinstance(last_q, bool) or not isinstance(last_q, int) or last_q < 1:
+        raise ValueError(f"patch_sparse_attention: last_q must be a positive int, got {last_q!r}")
+    for name, value, allowed in (("backend", backend, tuple(b for b in BACKENDS if b != "cuda")),
+                                 ("index_backend", index_backend, BACKENDS)):
+        if value is not None and value not in allowed:
+            raise ValueError(f"patch_sparse_attention: {name} must be None or one of {allowed}, got {value!r}")
     modules = attention_modules(model)
     n_layers, n_heads = model_shape(model)
     if len(modules) != n_layers:
@@ -318,10 +332,12 @@ def patch_sparse_attention(model, config: SparseAttentionConfig, *, min_prefill_
                                   block_n=block_n, last_q=last_q, backend=backend, index_backend=index_backend)
     for i, m in enumerate(modules):
         _PATCHED[m] = (handle, i)
+        m.__dict__[_ORIGINAL_ATTR] = original
     try:
         _set_impl(model, IMPL_NAME)
     except Exception:
         for m in modules:
             _PATCHED.pop(m, None)
+            m.__dict__.pop(_ORIGINAL_ATTR, None)
         raise
     return handle

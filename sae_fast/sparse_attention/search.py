@@ -134,6 +134,16 @@ def search_patterns(model, input_ids: torch.Tensor, candidates: Optional[Sequenc
 
     def make_hook(layer):
         def hook(module, query, key, value, attention_mask, **kwargs):
+            window = kwargs.get("sliding_window")
+            if window is not None and query.shape[2] > int(window):
+                raise ValueError(f"search_patterns: layer {layer} attends within a sliding window of {window} keys "
+                                 f"(the sample has {query.shape[2]} tokens); patch_sparse_attention leaves such "
+                                 "layers dense, and the search scores plain causal attention only")
+            for reason in ("softcap", "sinks", "s_aux"):
+                if kwargs.get(reason) is not None:
+                    raise ValueError(f"search_patterns: layer {layer} uses {reason.replace('s_aux', 'sinks')} "
+                                     "attention, which patch_sparse_attention leaves dense (it falls back there); "
+                                     "the search scores plain causal softmax attention only")
             if attention_mask is not None or key.shape[2] != query.shape[2]:
                 raise ValueError("search_patterns: got a padding mask or a KV cache; pass one unpadded sample")
             scale = kwargs.get("scaling") or _default_scale(module, query)
