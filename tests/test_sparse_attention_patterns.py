@@ -133,6 +133,21 @@ def test_vertical_slash_scores_match_explicit_loops(T, last_q):
     torch.testing.assert_close(col.sum(-1), torch.full_like(col[..., 0], float(L)))  # each row sums to 1
 
 
+def test_fp16_probe_scales_before_the_products_overflow():
+    """fp16 q·k past 65504 is inf (then NaN probabilities outrank every real column); the
+    scaled logits here are ~N(0, 7²), well inside fp16, and must match fp64 math."""
+    g = torch.Generator().manual_seed(3)
+    q = (300 * torch.randn(1, 2, 70, 64, generator=g)).half()
+    k = (300 * torch.randn(1, 1, 70, 64, generator=g)).half()
+    assert torch.isinf(q[0, 0].float() @ k[0, 0].float().T).logical_not().all()  # finite in fp32...
+    assert torch.isinf(q[0, 0] @ k[0, 0].T).any()  # ...but not as fp16 products
+    col, dia = vertical_slash_scores(q, k, last_q=16, scale=1e-5)
+    want_col, want_dia = _explicit_probe(q, k, 16, 1e-5)
+    assert torch.isfinite(col).all() and torch.isfinite(dia).all()
+    torch.testing.assert_close(col.double(), want_col, atol=3e-2, rtol=0)
+    torch.testing.assert_close(dia.double(), want_dia, atol=3e-2, rtol=0)
+
+
 def test_vertical_slash_estimate_selects_forced_then_top_scores():
     T = 149
     q, k, _ = _qk(T=T, seed=3)

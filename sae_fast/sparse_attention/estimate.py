@@ -136,10 +136,15 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[f
     dia = torch.empty(B, Hq, T, dtype=torch.float32, device=dev)
     chunk = max(1, _PROBE_ELEMENTS // max(1, B * G * L * T))  # kv heads per chunk
     q_last = q[:, :, T - L:, :]
+    post_scale = scale
+    if q.dtype == torch.float16:
+        # fp16 products overflow to inf past 65504 (then NaN probabilities outrank every real
+        # column); the scaled logits fit wherever the attention itself is finite
+        q_last, post_scale = (q_last.float() * scale).to(q.dtype), 1.0
     for c0 in range(0, Hkv, chunk):
         c1 = min(Hkv, c0 + chunk)
         h0, h1 = c0 * G, c1 * G
-        s = _grouped_scores(q_last[:, h0:h1], k[:, c0:c1]) * scale
+        s = _grouped_scores(q_last[:, h0:h1], k[:, c0:c1]) * post_scale
         s = s.masked_fill(~causal, float("-inf"))
         p = torch.softmax(s, dim=-1)  # [B, h, L, T]
         col[:, h0:h1] = p.sum(2)
