@@ -562,6 +562,21 @@ def test_bad_input(change, exc, match):
         block_sparse_attention(q, k, v, *idx, **args)
 
 
+def test_triton_launch_refuses_a_batch_past_the_grid_limit():
+    """Heads go on grid y and batch entries on z (B·H on one axis failed to launch past
+    65535); each is limited to 65535, refused with a clear error before any launch."""
+    from triton_kernels import block_sparse_attention as kernels
+
+    for B, H in ((65536, 1), (1, 65536)):
+        q = torch.empty(B, H, 1, 16, device="meta", dtype=torch.bfloat16)
+        kv = torch.empty(B, 1, 1, 16, device="meta", dtype=torch.bfloat16)
+        idx = [torch.empty(B, H, 1, *s, device="meta", dtype=torch.int32) for s in ((), (1,), (), (1,))]
+        with pytest.raises(ValueError, match=f"batch {B}, heads {H}"):
+            kernels.block_sparse_attention(q, kv, kv, *idx)
+        with pytest.raises(ValueError, match="at most 65535 each"):
+            kernels.block_sparse_attention_backward(q, None, q, kv, kv, q, q[..., 0].float(), *idx)
+
+
 # --------------------------------------------------------------------- FlexAttention BlockMask
 
 

@@ -177,9 +177,9 @@ def _fwd_kernel(
     PRECISION: tl.constexpr,
 ):
     qb = NQB - 1 - tl.program_id(0)  # late query blocks (most keys under causal) first
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    h = tl.program_id(1)  # grid (·, H, B): heads on y, batch on z (each < 65536; B·H on one axis was not)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + h
     kvh = h // GROUP
     idx = bh * NQB + qb  # row of the (contiguous) index tensors
 
@@ -238,9 +238,9 @@ def _bwd_delta_kernel(
     HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """delta[b, h, t] = Σ_d O·dO - dlse (fp32), the row term of dS = P ∘ (dP - delta)."""
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    h = tl.program_id(1)  # grid (·, H, B): heads on y, batch on z (each < 65536; B·H on one axis was not)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + h
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
@@ -273,9 +273,9 @@ def _bwd_dq_kernel(
 ):
     """dQ of one (b, h, qb): the forward's walk, P from the saved lse, dS = P ∘ (dP - delta)."""
     qb = NQB - 1 - tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
+    h = tl.program_id(1)  # grid (·, H, B): heads on y, batch on z (each < 65536; B·H on one axis was not)
+    b = tl.program_id(2).to(tl.int64)
+    bh = b * H + h
     kvh = h // GROUP
     idx = bh * NQB + qb
 
@@ -342,9 +342,9 @@ def _bwd_dkdv_kernel(
     writes unscaled fp32 partials [COL_ROWS, HEAD_DIM] per kv head; the range launch keeps
     its own partials of column keys beside them, and a finalize kernel sums the two."""
     tile = tl.program_id(0)
-    bkv = tl.program_id(1).to(tl.int64)
-    b = bkv // HKV
-    kvh = bkv % HKV
+    kvh = tl.program_id(1)  # grid (·, Hkv, B)
+    b = tl.program_id(2).to(tl.int64)
+    bkv = b * HKV + kvh
     g = bkv * TILES + TILE0 + tile
     e0 = tl.load(tile_off_ptr + g)
     e1 = tl.load(tile_off_ptr + g + 1)
@@ -442,9 +442,9 @@ def _bwd_cols_finalize_kernel(
 ):
     """dK/dV rows of column keys = column partial + range partial, written once each (the
     column keys of a kv head are distinct), after the range launch wrote every other row."""
-    bkv = tl.program_id(1).to(tl.int64)
-    b = bkv // HKV
-    kvh = bkv % HKV
+    kvh = tl.program_id(1)  # grid (·, Hkv, B)
+    b = tl.program_id(2).to(tl.int64)
+    bkv = b * HKV + kvh
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
@@ -586,6 +586,16 @@ def _launch_fitting(kernel, grid, args, meta: dict, device: torch.device, what: 
 
 
 
+_MAX_GRID_YZ = 65535  # CUDA's limit on grid y and z, where heads and batch go
+
+
+def _check_grid(B: int, H: int, what: str) -> None:
+    if B > _MAX_GRID_YZ or H > _MAX_GRID_YZ:
+        raise ValueError(f"block_sparse_attention {what}: the Triton kernels launch one grid row per head and one "
+                         f"layer per batch entry, at most {_MAX_GRID_YZ} each; got batch {B}, heads {H} (split the "
+                         "batch)")
+
+
 def block_sparse_attention(q, k, v, block_count, block_offset, column_count, column_index,
                            causal=True, scale=None, block_m=64, block_n=64, config: Optional[dict] = None):
     """(out [B, Hq, T, D] contiguous in q's dtype, lse [B, Hq, T] fp32). Index tensors
@@ -593,6 +603,7 @@ def block_sparse_attention(q, k, v, block_count, block_offset, column_count, col
     num_stages, tiles_per_step) overrides the launch (benchmarks/tune_block_sparse_attention.py)."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    _check_grid(B, H, "forward")
     scale = D ** -0.5 if scale is None else float(scale)
     out = _empty((B, H, T, D), q, q.dtype)
     lse = _empty((B, H, T), q, torch.float32)
@@ -601,7 +612,7 @@ def block_sparse_attention(q, k, v, block_count, block_offset, column_count, col
     nqb = triton.cdiv(T, block_m)
     step, cfg = _launch_config(config or _fwd_config(block_m, D, _arch(q)))
     with _device_ctx(q):
-        _launch_fitting(_fwd_kernel, (nqb, B * H), (
+        _launch_fitting(_fwd_kernel, (nqb, H, B), (
             q, k, v, out, lse,
             block_count, _dummy(block_offset, block_count), column_count, _dummy(column_index, column_count),
             T, S, H, H // Hkv, nqb, block_offset.shape[-1], column_index.shape[-1], scale * LOG2E,
@@ -887,6 +898,7 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse,
     result for this index, to time the kernels without it."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    _check_grid(B, H, "backward")
     G = H // Hkv
     scale = D ** -0.5 if scale is None else float(scale)
     if B * H * T == 0 or S == 0:  # nothing attended: every gradient is zero
@@ -901,7 +913,7 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse,
     delta = _empty((B, H, T), q, torch.float32)  # NaN under poisoning: an unwritten row fails the tests
     block_t = 64
     with _device_ctx(q):
-        _bwd_delta_kernel[(triton.cdiv(T, block_t), B * H)](
+        _bwd_delta_kernel[(triton.cdiv(T, block_t), H, B)](
             out, grad_out, _dummy(grad_lse, lse), delta, T, H,
             *out.stride(), *grad_out.stride(), *(grad_lse.stride() if grad_lse is not None else (0, 0, 0)),
             HAS_DLSE=grad_lse is not None, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_T=block_t,
@@ -914,7 +926,7 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse,
         exact = bool(configs.get("dq"))
         step, cfg = _launch_config(configs.get("dq") or _fwd_config(block_m, D, arch, kernel="dq"))
         with _device_ctx(q):
-            _launch_fitting(_bwd_dq_kernel, (nqb, B * H), (
+            _launch_fitting(_bwd_dq_kernel, (nqb, H, B), (
                 q, k, v, grad_out, lse, delta, dq,
                 block_count, _dummy(block_offset, block_count), column_count, _dummy(column_index, column_count),
                 T, S, H, G, nqb, block_offset.shape[-1], column_index.shape[-1], scale * LOG2E, scale,
@@ -952,13 +964,13 @@ def block_sparse_attention_backward(grad_out, grad_lse, q, k, v, out, lse,
                 num_warps=dkdv_cfg["num_warps"], num_stages=dkdv_cfg["num_stages"])
     with _device_ctx(q):
         if nct:  # column partials; the finalize kernel adds them to the range partials
-            _launch_fitting(_bwd_dkdv_kernel, (nct, B * Hkv), (*common, nkb, *tail),
+            _launch_fitting(_bwd_dkdv_kernel, (nct, Hkv, B), (*common, nkb, *tail),
                             dict(meta, IS_COL=True, HAS_COLS=True), q.device, "dK/dV", exact=exact)
-        _launch_fitting(_bwd_dkdv_kernel, (nkb, B * Hkv), (*common, 0, *tail),
+        _launch_fitting(_bwd_dkdv_kernel, (nkb, Hkv, B), (*common, 0, *tail),
                         dict(meta, IS_COL=False, HAS_COLS=nct > 0), q.device, "dK/dV", exact=exact)
         if nct:
             block_r = 32
-            _bwd_cols_finalize_kernel[(triton.cdiv(col_rows, block_r), B * Hkv)](
+            _bwd_cols_finalize_kernel[(triton.cdiv(col_rows, block_r), Hkv, B)](
                 plan["col_keys"], col_dk, col_dv, rng_dk, rng_dv, dk, dv, Hkv, col_rows, scale,
                 *dk.stride()[:3], *dv.stride()[:3], HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_R=block_r, num_warps=4,
             )
