@@ -396,24 +396,6 @@ def test_resume_with_sharded_source(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_logged_lr_is_the_one_each_step_used():
-    """Each metrics row carries the learning rate its own Adam step ran with (it once showed
-    the next step's: read after the scheduler had moved on)."""
-    sae = SparseAutoencoder(SAEConfig(d_in=6, num_latents=12, k=2), backend="reference")
-    cfg = TrainConfig(steps=6, batch_size=8, lr=1.0, warmup_steps=4, log_every=1, dead_tokens=64)
-    trainer = Trainer(sae, cfg, progress=False)
-    used = []
-    real_step = trainer.opt.step
-
-    def step_and_record(*args, **kwargs):
-        used.append(trainer.opt.param_groups[0]["lr"])
-        return real_step(*args, **kwargs)
-
-    trainer.opt.step = step_and_record
-    history = trainer.fit(torch.randn(64, 6, generator=torch.Generator().manual_seed(0)))
-    assert [row["lr"] for row in history] == used and used[0] == 0.25 and len(used) == 6
-
-
 def test_b_dec_starts_at_the_mean_of_layer_normed_inputs():
     """With input_norm="layer_norm" b_dec lives in the normalised space (subtracted from the
     normalised input, added to the reconstruction before it is un-normalised): it starts at the

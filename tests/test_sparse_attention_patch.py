@@ -230,6 +230,17 @@ def test_gemma_sized_heads_take_the_triton_path():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
+def _assert_every_layer_falls_back(model, reason):
+    """A 100-token prefill under full budgets: every layer takes ``fallback:<reason>`` and the
+    logits are exactly the unpatched ones."""
+    ids = _ids(T=100)
+    want = _logits(model, ids)
+    with patch_sparse_attention(model, FULL["vertical_slash"], min_prefill_len=16, backend="reference") as h:
+        got = _logits(model, ids)
+    assert dict(h.stats) == {f"fallback:{reason}": LAYERS}
+    torch.testing.assert_close(got, want)
+
+
 def test_mla_values_narrower_than_queries_fall_back():
     """DeepSeek-V3's MLA: queries and keys 24 wide (16 + 8 rotary), values 16 wide, and no
     head_dim attribute to refuse at patch time. Every layer falls back to its own attention
@@ -243,12 +254,7 @@ def test_mla_values_narrower_than_queries_fall_back():
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2,
         n_group=1, topk_group=1, first_k_dense_replace=LAYERS, moe_intermediate_size=32, attn_implementation="sdpa")
     model = transformers.DeepseekV3ForCausalLM(cfg).eval()
-    ids = _ids(T=100)
-    want = _logits(model, ids)
-    with patch_sparse_attention(model, FULL["vertical_slash"], min_prefill_len=16, backend="reference") as h:
-        got = _logits(model, ids)
-    assert dict(h.stats) == {"fallback:head_dim": LAYERS}
-    torch.testing.assert_close(got, want)
+    _assert_every_layer_falls_back(model, "head_dim")
 
 
 def test_gpt_oss_sinks_fall_back():
@@ -258,12 +264,7 @@ def test_gpt_oss_sinks_fall_back():
         pytest.skip("this transformers has no GPT-OSS")
     model = _tiny(transformers.GptOssConfig, transformers.GptOssForCausalLM, num_local_experts=4,
                   num_experts_per_tok=2, sliding_window=4096)
-    ids = _ids(T=100)
-    want = _logits(model, ids)
-    with patch_sparse_attention(model, FULL["vertical_slash"], min_prefill_len=16, backend="reference") as h:
-        got = _logits(model, ids)
-    assert dict(h.stats) == {"fallback:sinks": LAYERS}
-    torch.testing.assert_close(got, want)
+    _assert_every_layer_falls_back(model, "sinks")
 
 
 @pytest.mark.parametrize("kwarg,reason", [("position_bias", "fallback:position_bias"), ("cache", "fallback:paged_cache"),

@@ -69,14 +69,8 @@ def test_empty_activation_files_are_refused(tmp_path):
         ShardedActivations(tmp_path / "empty.npy", chunk_rows=0)
 
 
-def test_resume_applies_the_new_learning_rate_and_says_so(tmp_path):
-    data = _data()
-    cfg = TrainConfig(steps=8, batch_size=8, lr=1e-2, warmup_steps=2, log_every=1, dead_tokens=64)
-    Trainer(_sae(), cfg, progress=False).fit(data, checkpoint_dir=tmp_path, stop_at=4)
-    faster = TrainConfig(**{**cfg.__dict__, "lr": 5e-2, "steps": 10})
-    trainer = Trainer(_sae(), faster, progress=False)
-    with pytest.warns(UserWarning, match=r"lr: 0.01 -> 0.05"):
-        trainer.resume(tmp_path)
+def _record_adam_lrs(trainer) -> list:
+    """The learning rate of each Adam step the trainer takes from now on."""
     used = []
     real_step = trainer.opt.step
 
@@ -85,6 +79,28 @@ def test_resume_applies_the_new_learning_rate_and_says_so(tmp_path):
         return real_step(*args, **kwargs)
 
     trainer.opt.step = step_and_record
+    return used
+
+
+def test_logged_lr_is_the_one_each_step_used():
+    """Each metrics row carries the learning rate its own Adam step ran with (it once showed
+    the next step's: read after the scheduler had moved on)."""
+    cfg = TrainConfig(steps=6, batch_size=8, lr=1.0, warmup_steps=4, log_every=1, dead_tokens=64)
+    trainer = Trainer(_sae(), cfg, progress=False)
+    used = _record_adam_lrs(trainer)
+    history = trainer.fit(torch.randn(64, 6, generator=torch.Generator().manual_seed(0)))
+    assert [row["lr"] for row in history] == used and used[0] == 0.25 and len(used) == 6
+
+
+def test_resume_applies_the_new_learning_rate_and_says_so(tmp_path):
+    data = _data()
+    cfg = TrainConfig(steps=8, batch_size=8, lr=1e-2, warmup_steps=2, log_every=1, dead_tokens=64)
+    Trainer(_sae(), cfg, progress=False).fit(data, checkpoint_dir=tmp_path, stop_at=4)
+    faster = TrainConfig(**{**cfg.__dict__, "lr": 5e-2, "steps": 10})
+    trainer = Trainer(_sae(), faster, progress=False)
+    with pytest.warns(UserWarning, match=r"lr: 0.01 -> 0.05"):
+        trainer.resume(tmp_path)
+    used = _record_adam_lrs(trainer)
     history = trainer.fit(data)
     # the new config's schedule at steps 4..9 (decay from step 8 of 10): base 5e-2
     assert used == pytest.approx([5e-2 * trainer._lr_factor(s) for s in range(4, 10)])
