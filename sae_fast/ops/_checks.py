@@ -1,9 +1,28 @@
 """Argument checks shared by the ops: clear errors naming the argument, expected and actual."""
 
+import numbers
+import operator
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def integer(value):
+    """``value`` as a Python int when it is an integer (numpy integers included; bool and
+    tensors not), else None: ``np.int64(64)`` from a config array is a fine block size."""
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Integral):
+        return None
+    return operator.index(value)
+
+
+def real(value):
+    """``value`` as a Python float when it is a real number (numpy scalars included; bool and
+    tensors not), else None."""
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
 
 
 def check_tensor(op: str, name: str, t, *, dim: int = None, dtypes=None):

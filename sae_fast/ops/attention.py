@@ -170,9 +170,9 @@ def check_inputs(q, k, v, block_count, block_offset, column_count, column_index,
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"{_OP}: head dim must be in [1, {MAX_HEAD_DIM}] (64 and 128 are the tuned sizes), got {D}")
     for name, bs in (("block_m", block_m), ("block_n", block_n)):
-        if not isinstance(bs, int) or bs not in _BLOCK_SIZES:
+        if _checks.integer(bs) not in _BLOCK_SIZES:
             raise ValueError(f"{_OP}: {name} must be one of {_BLOCK_SIZES}, got {bs!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and 0 < float(scale) < float("inf")):
+    if scale is not None and not (_checks.real(scale) is not None and 0 < float(scale) < float("inf")):
         raise ValueError(f"{_OP}: scale must be a positive finite number, got {scale!r}")
     nqb = -(-T // block_m)
     _check_index("block_count", block_count, (B, Hq, nqb), 3, q.device)
@@ -237,6 +237,7 @@ def block_sparse_attention(
     length inside its last query block are computed like any other row; mask them in the loss.
     """
     check_inputs(q, k, v, block_count, block_offset, column_count, column_index, scale, block_m, block_n)
+    block_m, block_n = _checks.integer(block_m), _checks.integer(block_n)  # (numpy ints -> int for the op)
     resolved = _resolve(backend, q.device, q.dtype)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     return block_sparse_attention_op(q, k, v, block_count, block_offset, column_count, column_index,

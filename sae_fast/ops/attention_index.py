@@ -85,7 +85,8 @@ __all__ = ["vertical_slash_index", "index_buffer_sizes"]
 
 
 def _is_power_of_two(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0 and (x & (x - 1)) == 0
+    x = _checks.integer(x)
+    return x is not None and x > 0 and (x & (x - 1)) == 0
 
 
 def check_index_arguments(vertical_idx, slash_idx, seq_lens, context_len, block_m, block_n, op: str = _OP):
@@ -105,9 +106,9 @@ def check_index_arguments(vertical_idx, slash_idx, seq_lens, context_len, block_
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if not _is_power_of_two(value) or value < 16:
             raise ValueError(f"{op}: {name} must be a power of two >= 16, got {value!r}")
-    if isinstance(context_len, bool) or not isinstance(context_len, (int, torch.SymInt)):
+    if not isinstance(context_len, torch.SymInt) and _checks.integer(context_len) is None:
         raise TypeError(f"{op}: context_len must be an int, got {type(context_len).__name__}")
-    if isinstance(context_len, int) and not 0 <= context_len <= _INT32_MAX:
+    if not isinstance(context_len, torch.SymInt) and not 0 <= context_len <= _INT32_MAX:
         raise ValueError(f"{op}: context_len must lie in [0, 2^31 - 1] (outputs are int32), got {context_len}")
 
 
@@ -218,6 +219,9 @@ def vertical_slash_index(
     if context_len is None:
         context_len = int(seq_lens.max()) if seq_lens.numel() else 0
     check_index_arguments(vertical_idx, slash_idx, seq_lens, context_len, block_m, block_n)
+    block_m, block_n = _checks.integer(block_m), _checks.integer(block_n)  # (numpy ints -> int for the op)
+    if not isinstance(context_len, torch.SymInt):
+        context_len = _checks.integer(context_len)
     resolved = _resolve_backend(backend, vertical_idx.device)
     return vertical_slash_index_op(
         vertical_idx, slash_idx, seq_lens, context_len, block_m, block_n, resolved, bool(check_seq_lens)

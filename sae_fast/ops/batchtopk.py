@@ -256,10 +256,12 @@ def batchtopk_encode(
     in x's dtype (the threshold rounded to it) and keeps NaN entries.
     """
     n, d, m = _checks.check_encoder_inputs(_OP, x, W_enc, b_enc, b_dec)
-    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= m:  # (NaN fails 0 < k)
+    k_real, k_aux_int = _checks.real(k), _checks.integer(k_aux)
+    if k_real is None or not 0 < k_real <= m:  # (NaN fails 0 < k)
         raise ValueError(f"{_OP}: k must be a number in (0, M={m}], got {k!r}")
-    if isinstance(k_aux, bool) or not isinstance(k_aux, int) or not 0 <= k_aux <= m:
+    if k_aux_int is None or not 0 <= k_aux_int <= m:
         raise ValueError(f"{_OP}: k_aux must be an int in [0, M={m}], got {k_aux!r}")
+    k, k_aux = k_real, k_aux_int
     if k_aux > 0 and dead_mask is None:
         raise ValueError(f"{_OP}: k_aux={k_aux} needs dead_mask")
     if k_aux > 0 and threshold is not None:
@@ -272,7 +274,7 @@ def batchtopk_encode(
     if index_dtype not in _checks.INDEX_DTYPES:
         raise TypeError(f"{_OP}: index_dtype must be torch.int64 or torch.int32, got {index_dtype}")
     if threshold is not None:
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, torch.Tensor)):
+        if not isinstance(threshold, torch.Tensor) and _checks.real(threshold) is None:
             raise TypeError(f"{_OP}: threshold must be None, a float or a 0-d tensor, got {type(threshold).__name__}")
         if isinstance(threshold, torch.Tensor):
             if threshold.dim() != 0 or not threshold.is_floating_point():

@@ -152,10 +152,12 @@ def topk_encode(
     ±inf pre-activation is a real AuxK entry.
     """
     n, d, m = _checks.check_encoder_inputs(_OP, x, W_enc, b_enc, b_dec)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= m:
+    k_int, k_aux_int = _checks.integer(k), _checks.integer(k_aux)
+    if k_int is None or not 1 <= k_int <= m:
         raise ValueError(f"{_OP}: k must be an int in [1, M={m}], got {k!r}")
-    if isinstance(k_aux, bool) or not isinstance(k_aux, int) or not 0 <= k_aux <= m:
+    if k_aux_int is None or not 0 <= k_aux_int <= m:
         raise ValueError(f"{_OP}: k_aux must be an int in [0, M={m}], got {k_aux!r}")
+    k, k_aux = k_int, k_aux_int
     if k_aux > 0 and dead_mask is None:
         raise ValueError(f"{_OP}: k_aux={k_aux} needs dead_mask")
     if dead_mask is not None:
