@@ -20,7 +20,9 @@ sparsify             ``cfg.json`` + ``sae.safetensors``          topk (+ W_skip,
                                                                  where sparsify's sae_out then
                                                                  uses 4k)
 dictionary_learning  ``ae.pt`` + ``config.json``                 AutoEncoderTopK, BatchTopKSAE,
-                                                                 JumpReluAutoEncoder, AutoEncoder,
+                                                                 JumpReluAutoEncoder, AutoEncoder
+                                                                 (decoder normalised as its
+                                                                 from_pretrained does),
                                                                  AutoEncoderNew
 gemma_scope          ``params.npz``                              JumpReLU (no b_dec on input)
 openai               ``*.pt`` state dict                         TopK (+ per-row layer norm), ReLU
@@ -208,7 +210,8 @@ def _config(file: Path, **fields) -> SAEConfig:
 
 
 def _saelens_version_major(raw: dict) -> Optional[int]:
-    v = raw.get("sae_lens_version") or (raw.get("metadata") or {}).get("sae_lens_version")
+    metadata = raw.get("metadata") or {}
+    v = raw.get("sae_lens_version") or (metadata.get("sae_lens_version") if isinstance(metadata, dict) else None)
     try:
         return int(str(v).split(".")[0]) if v else None
     except ValueError:
@@ -305,12 +308,15 @@ def _fold_whitening(t: dict, mean, matrix, inverse, apply_b_dec: bool) -> None:
     """An SAE trained on z = (x - mean) @ A, whose output is mapped back as x̂ = ẑ @ A⁻¹ + mean,
     is an SAE on x with W_enc·Aᵀ, W_dec·A⁻¹, b_dec·A⁻¹ + mean (and, without b_dec centring,
     b_enc - W_enc'·mean)."""
-    W_enc = _f(t["W_enc"]) @ _f(matrix).T
+    # one dtype for the fold: SAELens computes and saves its whitening statistics in fp64
+    dt = _f(torch.empty(0, dtype=torch.promote_types(t["W_enc"].dtype, matrix.dtype))).dtype
+    mean, matrix, inverse = mean.to(dt), matrix.to(dt), inverse.to(dt)
+    W_enc = t["W_enc"].to(dt) @ matrix.T
     t["W_enc"] = W_enc
-    t["W_dec"] = _f(t["W_dec"]) @ _f(inverse)
-    t["b_dec"] = _f(t["b_dec"]) @ _f(inverse) + _f(mean)
+    t["W_dec"] = t["W_dec"].to(dt) @ inverse
+    t["b_dec"] = t["b_dec"].to(dt) @ inverse + mean
     if not apply_b_dec:
-        t["b_enc"] = _f(t["b_enc"]) - W_enc @ _f(mean)
+        t["b_enc"] = t["b_enc"].to(dt) - W_enc @ mean
 
 
 def _fold_scaling(t: dict, s: float) -> None:
@@ -339,6 +345,9 @@ def _load_saelens(folder: Path):
     raw = _read_json(cfg_path)
     arch = raw.get("architecture")
     fn_kwargs = raw.get("activation_fn_kwargs") or {}
+    for key, value in (("metadata", raw.get("metadata")), ("activation_fn_kwargs", fn_kwargs)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{cfg_path}: {key} must be a JSON object, got {value!r}")
     major = _saelens_version_major(raw)
     if major is None or major < 6:
         # SAELens rewrites pre-6 configs (no version, or below 6) as it loads them: a topk
@@ -361,7 +370,7 @@ def _load_saelens(folder: Path):
         raise ValueError(f"{cfg_path}: apply_b_dec_to_input=True is not valid for a SAELens transcoder")
     k = 32
     if ours in ("topk", "batchtopk"):
-        k_raw = raw.get("k", fn_kwargs.get("k"))
+        k_raw = raw["k"] if "k" in raw else fn_kwargs.get("k")
         if k_raw is None:
             raise ValueError(f"{cfg_path}: missing key 'k'")
         if isinstance(k_raw, bool) or not isinstance(k_raw, (int, float)) or float(k_raw) != int(k_raw):
@@ -540,6 +549,11 @@ def _load_dictionary_learning(file: Path):
              "W_dec": st.take("decoder.weight", (d, m), "[activation_dim, dict_size]").T,
              "b_dec": st.take("bias", (d,), "subtracted from the input, added to the output")}
         cfg = dict(architecture="relu", apply_b_dec_to_input=True)
+        # as the library's own AutoEncoder.from_pretrained (normalize_decoder=True): decoder
+        # columns to unit norm, the encoder scaled to match; same reconstruction, and feature
+        # activations equal to the ones its users see
+        if not torch.allclose(t["W_dec"].norm(dim=1), torch.ones((), dtype=t["W_dec"].dtype)):
+            _fold_decoder_norms(t)
     else:  # AutoEncoderNew: relu(encoder(x)), decoder with its own bias, no input centring
         m, d = st.shape_of("encoder.weight", 2)
         t = {"W_enc": st.take("encoder.weight", (m, d)), "b_enc": st.take("encoder.bias", (m,)),

@@ -212,20 +212,23 @@ def test_saelens_activation_scaler_is_folded(sae_lens, tmp_path):
     with torch.no_grad():
         _check(ours, x, lib.encode(x), lib(x))
 
-    lib = _saelens_sae(sae_lens, "standard", apply_b_dec_to_input=False, normalize_activations="covariance_whitening")
-    lib.save_model(tmp_path / "white")
+    # whitening statistics as SAELens' ActivationScaler computes and saves them (fp64), and fp32
     g = _gen(5)
     a = torch.eye(D) + 0.1 * torch.randn(D, D, generator=g)
     mean = torch.randn(D, generator=g)
-    save_file({"mean": mean, "matrix": a, "inverse_matrix": torch.linalg.inv(a).contiguous()},
-              str(tmp_path / "white" / "activation_whitening.safetensors"))
-    (tmp_path / "white" / "activation_scaler.json").write_text(json.dumps({"scaling_factor": None,
-                                                                              "has_whitening": True}))
-    ours = _load(tmp_path / "white")
-    lib.fold_activation_whitening(mean, a, torch.linalg.inv(a))
-    with torch.no_grad():
-        torch.testing.assert_close(ours.encode(x), lib.encode(x), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(ours(x).x_hat, lib(x), rtol=1e-4, atol=1e-4)
+    for stats_dtype in (torch.float64, torch.float32):
+        lib = _saelens_sae(sae_lens, "standard", apply_b_dec_to_input=False,
+                           normalize_activations="covariance_whitening")
+        folder = tmp_path / f"white_{stats_dtype}"
+        lib.save_model(folder)
+        stats = {"mean": mean, "matrix": a, "inverse_matrix": torch.linalg.inv(a).contiguous()}
+        save_file({k: v.to(stats_dtype) for k, v in stats.items()}, str(folder / "activation_whitening.safetensors"))
+        (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": None, "has_whitening": True}))
+        ours = _load(folder)
+        lib.fold_activation_whitening(*(v.to(stats_dtype) for v in stats.values()))
+        with torch.no_grad():
+            torch.testing.assert_close(ours.encode(x), lib.encode(x), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(ours(x).x_hat, lib(x), rtol=1e-4, atol=1e-4)
 
 
 def test_saelens_bad_files(sae_lens, tmp_path):
@@ -243,6 +246,9 @@ def test_saelens_bad_files(sae_lens, tmp_path):
         (cfg, {k: v for k, v in w.items() if k != "threshold"}, "missing key 'threshold'"),
         (cfg, {**w, "W_dec": w["W_dec"][:, :-1].contiguous()}, r"W_dec has shape \(75, 36\)"),
         (cfg, {**w, "b_gate": w["b_enc"].clone()}, r"unexpected keys \['b_gate'\]"),
+        ({**cfg, "metadata": "v6"}, w, "metadata must be a JSON object"),
+        ({**cfg, "architecture": "topk", "k": 3, "activation_fn_kwargs": "k=3"}, w,
+         "activation_fn_kwargs must be a JSON object"),
     ]
     for bad_cfg, bad_w, match in cases:
         (d / "cfg.json").write_text(json.dumps(bad_cfg))
@@ -362,6 +368,11 @@ def test_dictionary_learning(dl, tmp_path, dict_class):
         if dict_class == "JumpReluAutoEncoder":
             ae.threshold.copy_(torch.rand(M, generator=_gen(4)) * 0.3)
     folder = _dl_save(ae, tmp_path / "trainer_0", dict_class, **({"k": K} if topk else {}))
+    if dict_class == "AutoEncoder":
+        # what its users get: the library's loader scales the decoder columns (norms ~1.3-2.5
+        # here) to unit norm and the encoder to match; activations change, reconstructions not
+        assert not torch.allclose(ae.decoder.weight.norm(dim=0), torch.ones(M))
+        ae = dicts.AutoEncoder.from_pretrained(folder / "ae.pt")
     ours = _load(folder)
     assert not ours.training  # eval, like transformers: BatchTopKSAE's default encode uses its threshold
     x = _x(n=12)
