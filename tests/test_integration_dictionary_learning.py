@@ -491,6 +491,61 @@ def test_trainer_with_foreign_ae_warns():
     assert handle.patched == [] and "loss" not in tr.__dict__
 
 
+def test_second_accelerate_patches_nothing_and_undo_restores():
+    """A second accelerate on a patched AE or trainer captured the first patch's methods, so
+    undoing both left the object patched for good; now it warns and patches nothing."""
+    for obj in (make_topk(), make_trainer(TopKTrainer)):
+        before = dict(vars(obj))
+        first = dl.accelerate(obj, backend=REF)
+        with pytest.warns(UserWarning, match="already has its own"):
+            second = dl.accelerate(obj, backend=REF)
+        assert second.patched == [] and first.patched
+        first.undo()
+        second.undo()
+        assert vars(obj).keys() == before.keys()
+        inner = getattr(obj, "ae", None)
+        assert inner is None or ("encode" not in vars(inner) and "forward" not in vars(inner))
+
+
+def test_deep_copy_of_an_accelerated_ae_falls_back_on_itself():
+    """Fallback paths (return_topk, output_pre_jump, a trainer's non-2-D input) call the
+    library's method on the copy, not on the object that was accelerated."""
+    for ae, call in ((make_topk(), lambda m, x: m.encode(x, return_topk=True)),
+                     (make_jumprelu(), lambda m, x: m.encode(x, output_pre_jump=True))):
+        dl.accelerate(ae, backend=REF)
+        twin = copy.deepcopy(ae)
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.mul_(3.0)
+        plain = copy.deepcopy(twin)
+        for name in ("encode", "forward"):
+            del vars(plain)[name]
+        x = batch()
+        assert_same_outputs(call(twin, x), call(plain, x), type(ae).__name__)
+    tr = make_trainer(TopKTrainer)
+    dl.accelerate(tr, backend=REF)
+    copied = copy.deepcopy(tr)
+    copied.loss(batch(4, 2), step=0)  # 3-D: the library's loss, on the copy's counters
+    assert torch.equal(tr.num_tokens_since_fired, torch.zeros_like(tr.num_tokens_since_fired))
+    assert copied.num_tokens_since_fired.any()
+
+
+def test_half_precision_activations_into_an_fp32_ae():
+    """The library promotes bf16/fp16 activations against its fp32 weights (``x - b_dec``);
+    the accelerated paths did not and raised a dtype mismatch."""
+    for ae in (make_topk(), make_topk(BatchTopKSAE), make_jumprelu(apply_b_dec=True)):
+        twin = copy.deepcopy(ae)
+        dl.accelerate(ae, backend=REF)
+        for dtype in (torch.bfloat16, torch.float16):
+            x = batch().to(dtype)
+            assert_same_outputs(ae(x, output_features=True), twin(x, output_features=True), f"{type(ae).__name__}")
+    tr = make_trainer(TopKTrainer)
+    twin = copy.deepcopy(tr)
+    dl.accelerate(tr, backend=REF)
+    x = batch().to(torch.bfloat16)
+    close(tr.loss(x, step=0), twin.loss(x, step=0), "TopKTrainer.loss")
+
+
 # ----------------------------------------------------------------------------- default backend
 # One loss + backward per trainer, and the threshold paths of the modules, on the default
 # backend (the Triton kernels; under the interpreter on CPU, hence small batches).

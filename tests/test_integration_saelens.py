@@ -574,6 +574,37 @@ def test_decode_of_activations_requiring_grad_uses_saelens(calls):
     assert calls["sparse_decode_csr"] == 1
 
 
+def test_decode_sees_every_edit_and_every_mode():
+    """The activations an accelerated encode returned, then: made a leaf requiring grad after a
+    no-grad encode (attribution: the gradient must reach it), edited through ``.data`` or
+    ``.numpy()`` (no version bump), or computed under ``inference_mode`` (no version counter).
+    Each decode is SAELens's, gradients included."""
+    for make in (lambda: TopKSAE(TopKSAEConfig(d_in=D, d_sae=M, k=K)),
+                 lambda: JumpReLUSAE(JumpReLUSAEConfig(d_in=D, d_sae=M))):
+        sae = randomize(make())
+        ref, _ = twin(sae)
+        x = torch.randn(4, D)
+        with torch.no_grad():
+            ours, theirs = sae.encode(x), ref.encode(x)
+        ours.requires_grad_()
+        theirs.requires_grad_()
+        sae.decode(ours).pow(2).sum().backward()
+        ref.decode(theirs).pow(2).sum().backward()
+        assert ours.grad is not None and (ours.grad != 0).sum() > (ours != 0).sum()  # every latent, as SAELens
+        close(ours.grad, theirs.grad)
+        for edit in (lambda t: t.data.zero_(), lambda t: t.data.__setitem__((slice(None), 3), 2.0),
+                     lambda t: t.numpy().__setitem__((slice(None), 5), 1.5)):
+            with torch.no_grad():
+                ours, theirs = sae.encode(x), ref.encode(x)
+                edit(ours)
+                edit(theirs)
+                close(sae.decode(ours), ref.decode(theirs))
+        with torch.inference_mode():
+            ours, theirs = sae.encode(x), ref.encode(x)
+            close(ours, theirs)
+            close(sae.decode(ours), ref.decode(theirs))
+
+
 # ---------------------------------------------------------------------------------------------
 # SAELens's trainer
 

@@ -410,6 +410,31 @@ def test_unsupported_configurations_warn_and_patch_nothing():
             assert torch.equal(a, b)
 
 
+def test_second_accelerate_patches_nothing_and_undo_restores():
+    coder = make_coder()
+    first = accelerate(coder, backend="reference")
+    with pytest.warns(UserWarning, match="already has its own"):
+        second = accelerate(coder, backend="reference")
+    assert second.patched == [] and first.patched == ["encode", "decode", "forward"]
+    first.undo()
+    second.undo()
+    assert not {"encode", "decode", "forward"} & set(vars(coder))
+
+
+def test_dispatcher_takes_subclasses_of_supported_classes():
+    """``sae_fast.accelerate`` finds the library through the class's bases: a user's subclass
+    that overrides nothing is accelerated as the library's own class is."""
+
+    class MyCoder(SparseCoder):
+        pass
+
+    coder = MyCoder(D, SparseCoderConfig(num_latents=M, k=K), device="cpu")
+    handle = integrations.accelerate(coder, backend="reference")
+    assert handle.library == "sparsify" and handle.patched == ["encode", "decode", "forward"]
+    with pytest.raises(TypeError, match="not an SAE of a supported library"):
+        integrations.accelerate(torch.nn.Linear(2, 2))
+
+
 def test_forward_output_type_is_sparsifys():
     ours, _, _, _ = four()
     with torch.no_grad():

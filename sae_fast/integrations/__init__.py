@@ -1,7 +1,7 @@
 """Drop-in acceleration of other libraries' SAE objects, in place.
 
-``sae_fast.accelerate(obj)`` dispatches on the object's library (by the module its class comes
-from, so none of these libraries is imported unless the object is one of theirs):
+``sae_fast.accelerate(obj)`` dispatches on the object's library (by the modules its class and
+its bases come from, so none of these libraries is imported unless the object is one of theirs):
 
 * SAELens (``sae_lens``): ``integrations.saelens.accelerate``
 * EleutherAI sparsify (``sparsify``): ``integrations.sparsify.accelerate``
@@ -23,8 +23,11 @@ _LIBRARIES = {"sae_lens": "saelens", "sparsify": "sparsify", "dictionary_learnin
 def accelerate(obj: Any, **kwargs) -> Acceleration:
     """Route ``obj``'s encode / decode / forward (and its training forward pass where the
     library has one) through the sae_fast ops, keeping its API; see the library modules."""
-    root = type(obj).__module__.split(".")[0]
-    if root not in _LIBRARIES:
+    # the first class in the MRO from a supported library: a user's subclass of theirs counts
+    # (whether its overrides can be accelerated is the library module's call)
+    roots = [c.__module__.split(".")[0] for c in type(obj).__mro__]
+    root = next((r for r in roots if r in _LIBRARIES), None)
+    if root is None:
         raise TypeError(f"sae_fast.accelerate: {type(obj).__module__}.{type(obj).__qualname__} is not an SAE "
                         f"of a supported library ({', '.join(_LIBRARIES)})")
     module = importlib.import_module(f"{__name__}.{_LIBRARIES[root]}")

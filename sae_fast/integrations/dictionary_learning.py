@@ -146,6 +146,9 @@ class _Weights:
 
     def __init__(self, x, W_enc, b_enc, b_dec, W_dec, *, subtract_b_dec: bool):
         ac = _autocast_dtype(x.device)
+        if ac is None and torch.promote_types(x.dtype, W_enc.dtype) == W_enc.dtype:
+            # bf16 activations into an fp32 SAE: the library's ``x - b_dec`` promotes them
+            x = _cast(W_enc.dtype, x)
         self.x = _cast(ac, x)
         self.W_enc, self.b_enc, self.W_dec = _cast(ac, W_enc), _cast(ac, b_enc), _cast(ac, W_dec)
         self.b_dec = b_dec
@@ -228,11 +231,12 @@ def _threshold_dense(w: _Weights, threshold: torch.Tensor, m: int, backend):
 
 
 def _patch_topk_ae(handle: Acceleration, ae, backend) -> None:
-    prev_encode, prev_forward, k_of = ae.encode, ae.forward, _IntBuffer()
+    prev_encode, prev_forward, k_of = type(ae).encode, type(ae).forward, _IntBuffer()  # (class functions:
+    # a deep copy of the patched object must fall back on itself, not on this instance)
 
     def encode(self, x, return_topk: bool = False, use_threshold: bool = False):
         if return_topk or not _plain(x):  # the dense post-ReLU activations are asked for
-            return prev_encode(x, return_topk=return_topk, use_threshold=use_threshold)
+            return prev_encode(self, x, return_topk=return_topk, use_threshold=use_threshold)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         w, m = _topk_weights(self, x2), self.encoder.weight.shape[0]
         if use_threshold:
@@ -244,7 +248,7 @@ def _patch_topk_ae(handle: Acceleration, ae, backend) -> None:
 
     def forward(self, x, output_features: bool = False):
         if not _plain(x):
-            return prev_forward(x, output_features=output_features)
+            return prev_forward(self, x, output_features=output_features)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         w, m = _topk_weights(self, x2), self.encoder.weight.shape[0]
         codes = topk_encode(w.x, w.W_enc, w.b_enc, k_of(self.k), b_dec=w.centre, backend=backend)
@@ -259,13 +263,14 @@ def _patch_topk_ae(handle: Acceleration, ae, backend) -> None:
 
 
 def _patch_batchtopk_ae(handle: Acceleration, ae, backend) -> None:
-    prev_encode, prev_forward, k_of = ae.encode, ae.forward, _IntBuffer()
+    prev_encode, prev_forward, k_of = type(ae).encode, type(ae).forward, _IntBuffer()  # (class functions:
+    # a deep copy of the patched object must fall back on itself, not on this instance)
 
     def encode(self, x, return_active: bool = False, use_threshold: bool = True):
         # return_active returns the dense post-ReLU activations; the batch selection of a
         # non-2-D input keeps k·x.size(0) entries over all rows (not k per row on average).
         if return_active or not _plain(x) or (not use_threshold and x.dim() != 2):
-            return prev_encode(x, return_active=return_active, use_threshold=use_threshold)
+            return prev_encode(self, x, return_active=return_active, use_threshold=use_threshold)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         w, m = _topk_weights(self, x2), self.encoder.weight.shape[0]
         if use_threshold:
@@ -275,7 +280,7 @@ def _patch_batchtopk_ae(handle: Acceleration, ae, backend) -> None:
 
     def forward(self, x, output_features: bool = False):
         if not _plain(x):
-            return prev_forward(x, output_features=output_features)
+            return prev_forward(self, x, output_features=output_features)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         w, m = _topk_weights(self, x2), self.encoder.weight.shape[0]
         # forward encodes with encode's default, use_threshold=True: the scalar threshold
@@ -288,11 +293,11 @@ def _patch_batchtopk_ae(handle: Acceleration, ae, backend) -> None:
 
 
 def _patch_jumprelu_ae(handle: Acceleration, ae, backend) -> None:
-    prev_encode, prev_forward = ae.encode, ae.forward
+    prev_encode, prev_forward = type(ae).encode, type(ae).forward  # (class functions: see above)
 
     def encode(self, x, output_pre_jump: bool = False):
         if output_pre_jump or not _plain(x):  # the dense pre-activations are asked for
-            return prev_encode(x, output_pre_jump=output_pre_jump)
+            return prev_encode(self, x, output_pre_jump=output_pre_jump)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         w, m = _jumprelu_weights(self, x2, bool(self.apply_b_dec_to_input)), self.W_enc.shape[1]
         # θ gets no gradient from the library's encode either (a comparison)
@@ -302,7 +307,7 @@ def _patch_jumprelu_ae(handle: Acceleration, ae, backend) -> None:
 
     def forward(self, x, output_features: bool = False):
         if not _plain(x):
-            return prev_forward(x, output_features=output_features)
+            return prev_forward(self, x, output_features=output_features)
         lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
         w, m = _jumprelu_weights(self, x2, bool(self.apply_b_dec_to_input)), self.W_enc.shape[1]
         codes = jumprelu_encode(w.x, w.W_enc, w.b_enc, self.threshold.detach(), b_dec=w.centre, backend=backend)
@@ -380,11 +385,11 @@ _LossLogJumpRelu = namedtuple("LossLog", ["x", "recon", "f", "losses"])
 
 
 def _patch_topk_trainer(handle: Acceleration, trainer, backend) -> None:
-    prev_loss, k_of = trainer.loss, _IntBuffer()
+    prev_loss, k_of = type(trainer).loss, _IntBuffer()  # (class function: see _patch_topk_ae)
 
     def loss(self, x, step=None, logging=False):
         if x.dim() != 2 or not _plain(x):
-            return prev_loss(x, step=step, logging=logging)
+            return prev_loss(self, x, step=step, logging=logging)
         ae = self.ae
         n, m = x.shape[0], ae.encoder.weight.shape[0]
         w = _topk_weights(ae, x)
@@ -423,11 +428,11 @@ def _patch_topk_trainer(handle: Acceleration, trainer, backend) -> None:
 
 
 def _patch_batchtopk_trainer(handle: Acceleration, trainer, backend) -> None:
-    prev_loss, k_of = trainer.loss, _IntBuffer()
+    prev_loss, k_of = type(trainer).loss, _IntBuffer()  # (class function: see _patch_topk_ae)
 
     def loss(self, x, step=None, logging=False):
         if x.dim() != 2 or not _plain(x):
-            return prev_loss(x, step=step, logging=logging)
+            return prev_loss(self, x, step=step, logging=logging)
         ae = self.ae
         n, m = x.shape[0], ae.encoder.weight.shape[0]
         w = _topk_weights(ae, x)
@@ -496,12 +501,12 @@ class _LibraryL0(torch.autograd.Function):
 
 
 def _patch_jumprelu_trainer(handle: Acceleration, trainer, backend) -> None:
-    prev_loss = trainer.loss
+    prev_loss = type(trainer).loss  # (class function: see _patch_topk_ae)
 
     def loss(self, x, step, logging=False, **kwargs):
         ae = self.ae
         if x.dim() != 2 or not _plain(x):
-            return prev_loss(x, step=step, logging=logging, **kwargs)
+            return prev_loss(self, x, step=step, logging=logging, **kwargs)
         sparsity_scale = self.sparsity_warmup_fn(step)
         x = x.to(ae.W_enc.dtype)
         n, m = x.shape[0], ae.W_enc.shape[1]
@@ -555,6 +560,13 @@ def accelerate(obj: Any, *, backend: Optional[str] = None) -> Acceleration:
                      (BatchTopKTrainer, BatchTopKSAE, _patch_batchtopk_trainer, _patch_batchtopk_ae, trainer_names),
                      (JumpReluTrainer, JumpReluAutoEncoder, _patch_jumprelu_trainer, _patch_jumprelu_ae, ("loss",)))
 
+    already = [n for n in sae_names + trainer_names if n in vars(obj)]
+    inner = getattr(obj, "ae", None)
+    already += [f"ae.{n}" for n in sae_names if isinstance(inner, torch.nn.Module) and n in vars(inner)]
+    if already:  # a second patch would capture the first one's methods: undo could not restore
+        warnings.warn(f"sae_fast.accelerate: this {type(obj).__name__} already has its own {already} (accelerated "
+                      "already? undo() that handle first); nothing patched", stacklevel=2)
+        return handle
     if AutoEncoderTopK is not None:
         for cls, patch in ae_plans:
             if _keeps(obj, cls, sae_names):

@@ -31,15 +31,16 @@ How each method runs:
   dims are flattened to ``[N, d]`` and restored.
 * ``encode`` returns what SAELens returns: the dense ``[..., M]`` activations, scattered from
   the sparse codes (a COO tensor for ``TopKTrainingSAE`` with ``use_sparse_activations``).
-* ``decode`` of the activations an accelerated ``encode`` returned (``decode(encode(x))``, as
-  ``HookedSAETransformer`` runs it) decodes the sparse codes that ``encode`` attached to the
-  tensor, gradients included: exact, since the gradient SAELens gives the zero entries only
-  reaches the scatter that built the tensor, which discards it. Not when the tensor was edited
-  in place, retains its gradient or carries a tensor hook (call ``retain_grad()`` /
-  ``register_hook`` before ``decode`` to observe the dense gradient). Other activations (dense or COO) are
-  decoded from their extracted non-zero entries when they need no gradient; activations that
-  need one run SAELens's dense ``decode`` (SAELens gives every latent, active or not, a
-  gradient).
+* ``decode`` of activations that need no gradient (dense or COO, edited or not) is a sparse
+  decode of their non-zero entries, read from the tensor. Activations that need one: when
+  they are an accelerated ``encode``'s own output, as ``HookedSAETransformer`` runs
+  ``decode(encode(x))`` under autograd, the sparse codes ``encode`` attached are decoded with
+  their graph (exact: the gradient SAELens gives the zero entries only reaches the scatter
+  that built the tensor, which discards it); not when the tensor was edited in place, is a
+  leaf (``requires_grad_()`` on a no-grad encode), retains its gradient or carries a tensor
+  hook (call ``retain_grad()`` / ``register_hook`` before ``decode`` to observe the dense
+  gradient): those, and any other activations needing a gradient, run SAELens's dense
+  ``decode`` (SAELens gives every latent, active or not, a gradient).
 * Input processing calls the SAE's own ``reshape_fn_in`` / ``run_time_activation_norm_fn_in``
   and output ``run_time_activation_norm_fn_out`` / ``reshape_fn_out``, in SAELens's order, so
   ``hook_z`` reshaping and every ``normalize_activations`` mode give SAELens's results;
@@ -231,8 +232,10 @@ def _offsets(rows: torch.Tensor, n: int) -> torch.Tensor:
 def _tag(acts: torch.Tensor, rows, cols, values) -> torch.Tensor:
     """Attach the sparse codes an ``encode`` scattered into ``acts`` (flat row ids sorted,
     latent ids, values with their autograd graph) so that ``decode(acts)`` can decode them
-    directly; the tensor's version counter detects later in-place edits."""
-    setattr(acts, _CODES, (rows, cols, values, acts._version))
+    directly; the tensor's version counter detects later in-place edits. Inference tensors
+    have no version counter and are not tagged (their decode extracts the entries)."""
+    if not acts.is_inference():
+        setattr(acts, _CODES, (rows, cols, values, acts._version))
     return acts
 
 
@@ -256,14 +259,19 @@ def _dense(values, rows, cols, lead, m):
 
 
 def _tagged_codes(feature_acts: torch.Tensor):
-    """The codes our ``encode`` attached to ``feature_acts``, when decoding them is exactly
-    SAELens's dense decode: the tensor is unmodified and nobody observes its own gradient (not
-    retained, no tensor hook), so the gradient SAELens gives its zero entries reaches nothing
-    (the scatter that built it passes on the gradient at the codes only)."""
-    tag = getattr(feature_acts, _CODES, None)
-    if tag is None or tag[3] != feature_acts._version:
+    """The codes our ``encode`` attached to ``feature_acts``, used only where a gradient must
+    flow and decoding them is exactly SAELens's dense decode: the tensor is still the output of
+    the scatter that built it (unmodified, not a leaf made by ``requires_grad_()`` on a no-grad
+    encode) and nobody observes its own gradient (not retained, no tensor hook), so the
+    gradient SAELens gives its zero entries reaches nothing. Without a gradient to carry, the
+    entries are read from the tensor itself: writes through ``.data`` or ``.numpy()`` leave
+    the version counter alone and would go unseen."""
+    if not (feature_acts.requires_grad and torch.is_grad_enabled()) or feature_acts.is_inference():
         return None
-    if feature_acts.requires_grad and (feature_acts.retains_grad or feature_acts._backward_hooks):
+    tag = getattr(feature_acts, _CODES, None)
+    if tag is None or tag[3] != feature_acts._version or not tag[2].requires_grad:
+        return None
+    if feature_acts.is_leaf or feature_acts.retains_grad or feature_acts._backward_hooks:
         return None
     return tag[:3]
 

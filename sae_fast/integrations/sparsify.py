@@ -105,6 +105,9 @@ def _unsupported(coder: Any) -> Optional[str]:
     encoder = getattr(coder, "encoder", None)
     if not isinstance(encoder, torch.nn.Linear):
         return "its encoder is not an nn.Linear (an older checkpoint layout)"
+    own = [name for name in ("encode", "decode", "forward") if name in vars(coder)]
+    if own:  # a second patch would capture the first one's methods: undo could not restore
+        return f"it already has its own {own} (accelerated already? undo() that handle first)"
     return None
 
 
