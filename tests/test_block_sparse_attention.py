@@ -229,6 +229,24 @@ def test_empty_rows_zero_out_and_gradients(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_a_nan_query_row_reports_nan_not_empty(backend, device):
+    """A NaN in one query row makes that row's scores NaN: out and lse are NaN there (-inf
+    means "saw no key", which it did), every other row is untouched."""
+    B, H, T, D = 1, 2, 70, 64
+    q, k, v = qkv(B, H, 1, T, T, D, device=device)
+    idx = [t.to(device) for t in make_index(B, H, T, T, max_blocks=2, max_cols=4, seed=3)]
+    clean_out, clean_lse = block_sparse_attention(q, k, v, *idx, backend=backend)
+    r = int(torch.isfinite(clean_lse[0, 1]).nonzero()[3])  # a row that sees keys
+    q = q.detach().clone()
+    q[0, 1, r, 7] = float("nan")
+    out, lse = block_sparse_attention(q, k, v, *idx, backend=backend)
+    assert torch.isnan(lse[0, 1, r]) and torch.isnan(out[0, 1, r]).all()
+    other = torch.ones(B, H, T, dtype=torch.bool, device=device)
+    other[0, 1, r] = False
+    assert torch.equal(lse[other], clean_lse[other]) and torch.equal(out[other], clean_out[other])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_columns_only_and_non_causal(backend, device):
     """No ranges at all (MAX_BLOCKS = 0), columns only, causal and not."""
     B, Hq, Hkv, T, S, D = 1, 2, 1, 80, 75, 64

@@ -52,3 +52,16 @@ def test_attention_and_index_take_numpy_block_sizes():
     torch.testing.assert_close(got[0], want[0])
     with pytest.raises(ValueError, match="block_m must be one of"):
         sae_fast.block_sparse_attention(q, k, v, *want_idx, block_m=True, block_n=16, backend="reference")
+
+
+def test_jumprelu_training_takes_a_numpy_bandwidth():
+    x, W, b = _encoder()
+    W_dec = torch.randn(33, 12, generator=torch.Generator().manual_seed(4))
+    theta = torch.full((33,), 0.2)
+    want = sae_fast.jumprelu_training_forward(x, W, b, theta, W_dec, None, bandwidth=0.05, backend="reference")
+    got = sae_fast.jumprelu_training_forward(x, W, b, theta, W_dec, None, bandwidth=np.float32(0.05),
+                                             backend="reference")
+    for a, c in zip(want, got):
+        torch.testing.assert_close(a, c)
+    with pytest.raises(ValueError, match="bandwidth must be a finite float"):
+        sae_fast.jumprelu_training_forward(x, W, b, theta, W_dec, None, bandwidth=True, backend="reference")

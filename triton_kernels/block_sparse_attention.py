@@ -216,10 +216,10 @@ def _fwd_kernel(
         k, v = _load_kv(k_base, v_base, keys, kv_ok, stride_ks, stride_kd, stride_vs, stride_vd, offs_d, d_ok, UPCAST)
         m_i, l_i, acc = _fwd_step(q, k, v, keys, kv_ok, True, lim, m_i, l_i, acc, qk_scale, v_ptr, PRECISION)
 
-    seen = l_i > 0.0
-    l_safe = tl.where(seen, l_i, 1.0)
+    empty = l_i == 0.0  # (a NaN row is not empty: its lse stays NaN, as the reference's)
+    l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]  # rows that saw nothing: acc = 0 -> out = 0
-    lse = tl.where(seen, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     o_ptrs = out_ptr + b * stride_ob + h * stride_oh + row0 * stride_ot + offs_mm[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok)
     tl.store(lse_ptr + bh * T + offs_m, lse, mask=row_ok)

@@ -261,9 +261,10 @@ def jumprelu_training_forward(
                              f"for x {tuple(x.shape)}")
     _checks.check_same_device(_TRAIN_OP, x=x, W_dec=W_dec, b_dec=b_dec)
     _checks.check_same_dtype(_TRAIN_OP, x=x, W_dec=W_dec, b_dec=b_dec)
-    if isinstance(bandwidth, bool) or not isinstance(bandwidth, (int, float)) or not (
-            math.isfinite(bandwidth) and bandwidth > 0):
+    bw = _checks.real(bandwidth)
+    if bw is None or not (math.isfinite(bw) and bw > 0):
         raise ValueError(f"{_TRAIN_OP}: bandwidth must be a finite float > 0, got {bandwidth!r}")
+    bandwidth = bw
     resolved = _backend.resolve_backend(backend, x.device, x.dtype, _TRAIN_OP)
     centre = b_dec if (apply_b_dec_to_input and b_dec is not None) else None
     pre, idx, ro, _ = jumprelu_select_op(x, W_enc, b_enc, centre, threshold, bandwidth / 2, False, False, resolved)
