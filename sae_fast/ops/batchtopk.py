@@ -252,8 +252,9 @@ def batchtopk_encode(
 
     Numerics as ``topk_encode``'s. NaN pre-activations rank above every number and are kept
     (within the batch budget), so a NaN row shows in the loss instead of hiding; the returned
-    threshold is the smallest finite kept value. Inference mode compares ``pre > threshold``
-    in x's dtype (the threshold rounded to it) and keeps NaN entries.
+    threshold is the smallest non-NaN kept value (0 when none, NaN when every kept one is).
+    Inference mode compares ``pre > threshold`` in x's dtype (the threshold rounded to it) and
+    keeps NaN entries.
     """
     n, d, m = _checks.check_encoder_inputs(_OP, x, W_enc, b_enc, b_dec)
     k_real, k_aux_int = _checks.real(k), _checks.integer(k_aux)
