@@ -225,7 +225,14 @@ def _train_options(args):
 
     opts = {k: v[1] for k, v in _TRAIN_OPTIONS.items()}
     if args.config:
-        cfg_file = json.loads(Path(args.config).read_text())
+        try:
+            cfg_file = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"sae-fast train: --config {args.config}: {e}", file=sys.stderr)
+            return None
+        if not isinstance(cfg_file, dict):
+            print(f"sae-fast train: --config {args.config} must hold a JSON object of options", file=sys.stderr)
+            return None
         unknown = sorted(set(cfg_file) - set(opts) - {"data", "out"})
         if unknown:
             print(f"sae-fast train: unknown options in {args.config}: {unknown}", file=sys.stderr)
@@ -257,16 +264,23 @@ def _train_run(args, opts, env) -> int:
     for k, default in _MODEL_OPTIONS.items():
         if getattr(args, k) is None:
             setattr(args, k, default)
-    for k in ("ctx_len", "max_tokens"):
-        if getattr(args, k) is not None and getattr(args, k) < 1:
-            print(f"sae-fast train: --{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}", file=sys.stderr)
-            return 2
+    if args.ctx_len < 2:  # the first position of each window is dropped (no context)
+        print(f"sae-fast train: --ctx-len must be >= 2, got {args.ctx_len}", file=sys.stderr)
+        return 2
+    if args.max_tokens is not None and args.max_tokens < args.ctx_len:
+        print(f"sae-fast train: --max-tokens {args.max_tokens} is less than one window of --ctx-len {args.ctx_len}",
+              file=sys.stderr)
+        return 2
     if args.model:
         if data_path:
             print("sae-fast train: give --data or --model, not both", file=sys.stderr)
             return 2
         if main:
-            data_path = _model_activations(args, out)
+            try:
+                data_path = _model_activations(args, out)
+            except (OSError, ValueError) as e:
+                print(f"sae-fast train: {e}", file=sys.stderr)
+                return 2
         if env is not None:  # the other ranks wait for rank 0's shards
             torch.distributed.barrier()
             data_path = out / "activations"
@@ -306,7 +320,11 @@ def _train_run(args, opts, env) -> int:
         print(f"sae-fast train: {e}", file=sys.stderr)
         return 2
     if args.resume:
-        trainer.resume(out / "checkpoints")
+        try:
+            trainer.resume(out / "checkpoints")
+        except (OSError, ValueError) as e:
+            print(f"sae-fast train: --resume: {e}", file=sys.stderr)
+            return 2
         say(f"sae-fast train: resumed at step {trainer.step} from {out / 'checkpoints'}")
     where = device
     if env is not None:
@@ -335,16 +353,35 @@ def _train_run(args, opts, env) -> int:
 
 def _model_activations(args, out: Path) -> Path:
     """Residual activations of ``--model`` at ``--layer`` on ``--corpus``, computed once into
-    ``out/activations`` (safetensors shards; reused when present, e.g. on --resume)."""
-    import torch
+    ``out/activations`` (safetensors shards). Reused only when its DONE record names the same
+    model, layer, corpus, ctx_len and max_tokens; a folder without one (a killed computation)
+    or with another record is rebuilt from scratch. Raises ValueError / OSError for bad input."""
+    import json
+    import shutil
 
-    from .hf import token_windows, write_activation_shards
+    from .hf import decoder_layers, token_windows, write_activation_shards
 
     shards = out / "activations"
     done = shards / "DONE"
+    model_id = args.model if args.model == "smollm2" else str(Path(args.model).resolve())
+    corpus_id = args.corpus if args.corpus == "austen" else str(Path(args.corpus).resolve())
+    record = dict(model=model_id, layer=args.layer, corpus=corpus_id, ctx_len=args.ctx_len, max_tokens=args.max_tokens)
     if done.exists():
-        print(f"sae-fast train: reusing the activations in {shards}")
-        return shards
+        try:
+            previous = json.loads(done.read_text())
+        except json.JSONDecodeError:
+            previous = None
+        if previous is None:
+            previous = "an unrecorded computation (an older sae_fast)"
+        if previous == record:
+            print(f"sae-fast train: reusing the activations in {shards}")
+            return shards
+        if not args.resume:
+            raise ValueError(f"{shards} holds activations of {previous}, not of {record}; use another --out "
+                             "(or delete that folder)")
+        raise ValueError(f"--resume: {shards} holds activations of {previous}, but this run asks for {record}")
+    if args.corpus != "austen" and not Path(args.corpus).exists():  # (before loading the model)
+        raise ValueError(f"--corpus {args.corpus}: no such file or folder")
     if args.model == "smollm2":
         from .real import load_smollm2
 
@@ -352,8 +389,16 @@ def _model_activations(args, out: Path) -> Path:
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if not Path(args.model).is_dir():
+            raise ValueError(f"--model {args.model}: not 'smollm2' nor a local Hugging Face model folder")
         model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
         tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    n_layers = len(decoder_layers(model))
+    if not 0 <= args.layer < n_layers:
+        raise ValueError(f"--layer {args.layer}: {args.model} has decoder blocks 0..{n_layers - 1}")
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and args.ctx_len > limit:
+        raise ValueError(f"--ctx-len {args.ctx_len} exceeds {args.model}'s {limit} positions")
     if args.corpus == "austen":
         from .real import austen_texts
 
@@ -365,13 +410,12 @@ def _model_activations(args, out: Path) -> Path:
     ids = [tok(t)["input_ids"] for t in texts]
     windows = token_windows(ids, args.ctx_len, tok.eos_token_id)
     if args.max_tokens is not None:
-        windows = windows[: max(1, args.max_tokens // args.ctx_len)]
+        windows = windows[: args.max_tokens // args.ctx_len]
     print(f"sae-fast train: {windows.shape[0]} windows of {args.ctx_len} tokens through {args.model} up to block "
           f"{args.layer}, into {shards}")
-    torch.set_grad_enabled(False)
-    write_activation_shards(model, windows, args.layer, shards)
-    torch.set_grad_enabled(True)
-    done.write_text("complete\n")
+    shutil.rmtree(shards, ignore_errors=True)  # no shard of a killed computation may join this one
+    write_activation_shards(model, windows, args.layer, shards)  # (layer_activations runs under no_grad)
+    done.write_text(json.dumps(record) + "\n")
     return shards
 
 

@@ -134,6 +134,9 @@ class InMemoryActivations:
         self.epoch, self.pos, self._order = state["epoch"], state["pos"], None
 
 
+_EPOCHS_TO_TRY = 10
+
+
 class _BufferedSource:
     """Rows served from shuffled buffers: epoch -> groups (``_load_group``) -> batches. The
     leftover rows of a buffer are skipped; state = (epoch, group, pos) resumes exactly."""
@@ -153,9 +156,20 @@ class _BufferedSource:
         rows = self._group_rows()
         return rows[torch.randperm(rows.shape[0], generator=_generator(self.seed, self.epoch, self.group + 1))]
 
+    def _max_buffer_rows(self) -> int:
+        """The most rows one buffer can hold (its largest possible group)."""
+        raise NotImplementedError
+
     def next_batch(self, batch_size: int):
+        if batch_size > len(self):
+            raise ValueError(f"{len(self)} activations are fewer than one batch of {batch_size}")
+        if batch_size > self._max_buffer_rows():
+            raise ValueError(f"no buffer can hold a batch of {batch_size} rows (at most {self._max_buffer_rows()}); "
+                             "raise the buffer size or use a smaller batch")
         groups = self._num_groups()
-        for _ in range(2 * groups + 2):
+        # which chunks share a buffer changes every epoch: a batch near the largest buffer may
+        # need several epochs to meet a buffer that holds it
+        for _ in range(_EPOCHS_TO_TRY * groups + 2):
             if self._buffer is None:
                 self._buffer = self._load_group()
             if self.pos + batch_size <= self._buffer.shape[0]:
@@ -166,7 +180,8 @@ class _BufferedSource:
             self.group += 1
             if self.group >= groups:
                 self.epoch, self.group = self.epoch + 1, 0
-        raise ValueError(f"no buffer holds a batch of {batch_size} rows (raise the buffer size)")
+        raise ValueError(f"in {_EPOCHS_TO_TRY} epochs no buffer held a batch of {batch_size} rows (short chunks at the "
+                         "ends of shards make some buffers smaller); raise the buffer size or use a smaller batch")
 
     def state(self) -> dict:
         return dict(kind=type(self).__name__, epoch=self.epoch, group=self.group, pos=self.pos)
@@ -194,6 +209,10 @@ class ShardedActivations(_BufferedSource):
     @property
     def buffer_rows(self) -> int:
         return self.chunk_rows * self.chunks_per_buffer
+
+    def _max_buffer_rows(self) -> int:
+        sizes = sorted((min(self.chunk_rows, self.shards[i].rows - s0) for i, s0 in self.chunks), reverse=True)
+        return sum(sizes[:self.chunks_per_buffer])
 
     def sample_for_init(self, rows: int = 65536) -> torch.Tensor:
         out, have = [], 0

@@ -41,6 +41,8 @@ def decoder_layers(model) -> Sequence[torch.nn.Module]:
 
 def token_windows(token_ids: Sequence[Sequence[int]], ctx_len: int, separator: int | None) -> torch.Tensor:
     """Documents joined (with ``separator`` between them) and cut into [W, ctx_len] windows."""
+    if isinstance(ctx_len, bool) or not isinstance(ctx_len, int) or ctx_len < 1:
+        raise ValueError(f"ctx_len must be a positive int, got {ctx_len!r}")
     flat = []
     for ids in token_ids:
         flat.extend(ids)
@@ -92,6 +94,9 @@ class LiveActivations(_BufferedSource):
         super().__init__(seed)
         self.model, self.windows, self.layer = model, windows, layer
         self.windows_per_buffer, self.model_batch = windows_per_buffer, model_batch
+        if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+            raise ValueError(f"LiveActivations: windows must be [W >= 1, ctx_len >= 2] (each window's first position "
+                             f"is dropped), got {tuple(windows.shape)}")
         self.width = int(getattr(model.config, "hidden_size", 0)) or layer_activations(model, windows[:1], layer).shape[1]
 
     def __len__(self):
@@ -99,6 +104,9 @@ class LiveActivations(_BufferedSource):
 
     def _num_groups(self) -> int:
         return -(-self.windows.shape[0] // self.windows_per_buffer)
+
+    def _max_buffer_rows(self) -> int:
+        return min(self.windows_per_buffer, self.windows.shape[0]) * (self.windows.shape[1] - 1)
 
     def _group_rows(self) -> torch.Tensor:
         order = torch.randperm(self.windows.shape[0], generator=_generator(self.seed, self.epoch))
@@ -113,11 +121,15 @@ class LiveActivations(_BufferedSource):
 
 def write_activation_shards(model, windows: torch.Tensor, layer: int, out_dir, *, windows_per_shard: int = 256,
                             model_batch: int = 8) -> Path:
-    """Activations of every window, in order, as ``out_dir/00000.safetensors`` ... (fp32)."""
+    """Activations of every window, in order, as ``out_dir/00000.safetensors`` ... (fp32).
+    Shards of an earlier call in ``out_dir`` (numbered files) are removed first, so a folder
+    never mixes two computations."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("[0-9][0-9][0-9][0-9][0-9].safetensors"):
+        old.unlink()
     for i, start in enumerate(range(0, windows.shape[0], windows_per_shard)):
         rows = layer_activations(model, windows[start:start + windows_per_shard], layer, model_batch)
         tmp = out_dir / f".{i:05d}.tmp"

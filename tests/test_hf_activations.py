@@ -75,6 +75,44 @@ def test_cli_train_on_a_local_model(tmp_path, capsys):
     assert "reusing the activations" in out and "done: FVU" in out
 
 
+def test_cli_model_activations_are_reused_only_when_they_match(tmp_path, capsys):
+    """The activations folder records what it holds: another model / layer / window is refused
+    (it was reused silently), shards of a killed computation never join a new one, autograd is
+    left on after a failure, and bad model arguments are clean errors (rc 2), not tracebacks."""
+    from sae_fast import cli
+
+    _tiny_llama().save_pretrained(tmp_path / "m")
+    _char_tokenizer(tmp_path / "m")
+    (tmp_path / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    run = tmp_path / "run"
+    base = ["train", "--model", str(tmp_path / "m"), "--corpus", str(tmp_path / "corpus.txt"), "--num-latents", "48",
+            "--k", "4", "--steps", "3", "--batch-size", "64", "--out", str(run)]
+    acts = run / "activations"
+    acts.mkdir(parents=True)
+    for i in range(5):  # a killed run's leftovers: no DONE record, more shards than this run writes
+        (acts / f"{i:05d}.safetensors").write_bytes(b"stale")
+    assert cli.main(base + ["--layer", "1", "--ctx-len", "16"]) == 0
+    fresh = sorted(p.name for p in acts.glob("*.safetensors"))
+    assert fresh == ["00000.safetensors"] and len(ShardedActivations(acts)) == 1800 // 16 * 15
+    capsys.readouterr()
+    for extra, message in ((["--layer", "2", "--ctx-len", "16"], "holds activations of"),
+                           (["--layer", "1", "--ctx-len", "8", "--resume"], "--resume: "),
+                           (["--layer", "3", "--ctx-len", "16", "--out", str(tmp_path / "r2")], "decoder blocks 0..2"),
+                           (["--layer", "1", "--ctx-len", "65", "--out", str(tmp_path / "r3")], "64 positions"),
+                           (["--layer", "1", "--ctx-len", "1"], "--ctx-len must be >= 2"),
+                           (["--layer", "1", "--max-tokens", "10"], "less than one window")):
+        assert cli.main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err
+        assert torch.is_grad_enabled()
+    bad_model = ["train", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "r4")]
+    assert cli.main(bad_model) == 2 and "not 'smollm2' nor a local" in capsys.readouterr().err
+    bad_corpus = base[:3] + ["--corpus", str(tmp_path / "none.txt"), "--out", str(tmp_path / "r5"), "--layer", "1",
+                                  "--ctx-len", "16"]
+    assert cli.main(bad_corpus) == 2 and "no such file" in capsys.readouterr().err
+    assert cli.main(base + ["--layer", "1", "--ctx-len", "16", "--resume", "--out", str(tmp_path / "r6")]) == 2
+    assert "--resume: resume: no checkpoint" in capsys.readouterr().err
+
+
 def _char_tokenizer(folder):
     """A byte-level tokenizer saved beside the tiny model (tokenizers ships with transformers)."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -179,3 +179,24 @@ def test_cli_refuses_bad_numbers_and_flags_that_would_be_ignored(tmp_path, capsy
     assert "--steps must be >= 1" in capsys.readouterr().err
     # small M: the default k_aux (d / 2 = 3) is capped at M
     assert cli.main(base + ["--num-latents", "2"]) == 0
+
+
+def test_sharded_source_batch_sizes_near_the_buffer(tmp_path):
+    """Chunks of 10, 10, 1 and 1 rows, two per buffer: a batch of 15 fits only when both big
+    chunks share a buffer, which happens in some epochs (it gave up after two); a batch no
+    buffer can ever hold, or more than all rows, is refused at once with the reason."""
+    from sae_fast.data import ShardedActivations
+
+    data = torch.arange(22 * 3, dtype=torch.float32).view(22, 3)
+    for name, rows in (("a", data[:10]), ("b", data[10:20]), ("c", data[20:21]), ("d", data[21:22])):
+        np.save(tmp_path / f"{name}.npy", rows.numpy())
+    for seed in range(4):
+        src = ShardedActivations(tmp_path, seed=seed, chunk_rows=10, chunks_per_buffer=2)
+        for _ in range(3):
+            x, _ = src.next_batch(15)
+            assert x.shape == (15, 3) and len(set(x[:, 0].tolist())) == 15
+    src = ShardedActivations(tmp_path, chunk_rows=10, chunks_per_buffer=3)  # buffers of at most 10 + 10 + 1
+    with pytest.raises(ValueError, match="no buffer can hold a batch of 22 rows \\(at most 21\\)"):
+        src.next_batch(22)
+    with pytest.raises(ValueError, match="22 activations are fewer than one batch of 23"):
+        ShardedActivations(tmp_path, chunk_rows=10, chunks_per_buffer=4).next_batch(23)
