@@ -140,7 +140,8 @@ def build_index(vertical, slash, T: int):
     try:
         from sae_fast.ops.attention_index import vertical_slash_index
 
-        return vertical_slash_index(vertical, slash, None, BLOCK, BLOCK, context_len=T), "vertical_slash_index"
+        return vertical_slash_index(vertical, slash, None, BLOCK, BLOCK, context_len=T,
+                                    check_seq_lens=False), "vertical_slash_index"  # (as the estimate calls it: no sync)
     except (ImportError, NotImplementedError, RuntimeError):
         return local_vertical_slash_index(vertical, slash, T), "local"
 
@@ -232,7 +233,7 @@ def provider_fn(name: str, index, flex_mask):
         import torch._functorch.config as functorch_config
 
         functorch_config.donated_buffer = False
-        compiled = torch.compile(flex_attention)
+        compiled = torch.compile(flex_attention, dynamic=False)  # (a second T must not reuse a dynamic-shape graph)
         return lambda q, k, v: compiled(q, k, v, block_mask=flex_mask, enable_gqa=True)
     if name == "sdpa_flash":
         import torch.nn.functional as F

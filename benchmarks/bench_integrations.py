@@ -189,6 +189,9 @@ def main(argv=None):
                     rows.append(harness.make_row(OP, name, "step", shape, args.dtype, note=f"OOM: {str(e)[:60]}"))
                 except ImportError as e:
                     rows.append(harness.make_row(OP, name, "step", shape, args.dtype, note=f"not installed: {e}"))
+                except Exception as e:  # a failing provider is a row; the others still run and are written
+                    rows.append(harness.make_row(OP, name, "step", shape, args.dtype,
+                                                 error=f"{type(e).__name__}: {e}"[:300]))
                 obj = step = None  # free the weights before the next build
                 torch.cuda.empty_cache()
     harness.append_results(rows, args.out)

@@ -66,6 +66,18 @@ def provider_fn(name: str, leaves):
     raise ValueError(f"unknown provider {name!r}")
 
 
+def provider_flops(name: str, mode: str, N: int, d: int, M: int, L0: int) -> int:
+    """The work each provider does (not a shared floor): a dense GEMM is 2·N·M·d and its
+    backward two more; our encoder GEMM is dense, the decode and every backward product sparse
+    (2·N·L0·d each: decode; dx, dW_enc; dpre, dW_dec)."""
+    gemm, sparse = 2 * N * M * d, 2 * N * L0 * d
+    if name == "gemm_only":
+        return gemm if mode == "fwd" else 3 * gemm
+    if name == "torch_dense":  # encoder and decoder GEMMs
+        return 2 * gemm if mode == "fwd" else 6 * gemm
+    return gemm + sparse if mode == "fwd" else gemm + 5 * sparse
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -95,7 +107,9 @@ def main(argv=None):
         theta_value = float(torch.special.ndtri(q))
         theta = torch.full((M,), theta_value, device="cuda", dtype=bf).requires_grad_()
         leaves = [x, W_enc, b_enc, theta, W_dec, b_dec]
-        gemm_flops = 2 * N * M * d
+        # Bytes: the op's floor (every provider). Forward: read x, W_enc, W_dec; write x̂.
+        # Backward adds: read x, grad, W_enc, W_dec; write dx, dW_enc, dW_dec.
+        nbytes = {"fwd": (2 * N * d + 2 * M * d) * 2, "fwd+bwd": (5 * N * d + 6 * M * d) * 2}
         for name in args.providers.split(","):
             fn = provider_fn(name, leaves)
             for mode in MODES:
@@ -106,10 +120,13 @@ def main(argv=None):
                         out = fn(*leaves)
                         grad = torch.randn_like(out)
                         timing = harness.bench(lambda: fn(*leaves).backward(grad), grad_to_none=leaves)
-                    rows.append(harness.make_row(OP, name, mode, shape, "bf16", timing=timing, flops=gemm_flops,
-                                                 bytes=(N * d + 2 * M * d) * 2, peaks=peaks))
+                    rows.append(harness.make_row(OP, name, mode, shape, "bf16", timing=timing,
+                                                 flops=provider_flops(name, mode, N, d, M, L0), bytes=nbytes[mode],
+                                                 peaks=peaks))
                 except torch.OutOfMemoryError as e:
                     rows.append(harness.make_row(OP, name, mode, shape, "bf16", note=f"OOM: {str(e)[:60]}"))
+                except Exception as e:  # a failing provider is a row; the others still run and are written
+                    rows.append(harness.make_row(OP, name, mode, shape, "bf16", error=f"{type(e).__name__}: {e}"[:300]))
                 torch.cuda.empty_cache()
     harness.append_results(rows, args.out)
     harness.print_table(rows)

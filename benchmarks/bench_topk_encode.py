@@ -48,7 +48,12 @@ def _sparsify_encoder(x, W, b, k):
     coder = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=W.shape[0], k=k), device=x.device, dtype=x.dtype)
     coder.encoder.weight = torch.nn.Parameter(W.detach(), requires_grad=True)
     coder.encoder.bias = torch.nn.Parameter(b.detach(), requires_grad=True)
-    return lambda x, W, b, k: coder.encode(x).top_acts
+
+    def encode(x, W, b, k):
+        return coder.encode(x).top_acts
+
+    encode.params = list(coder.parameters())  # its own leaves: their .grad is reset between runs too
+    return encode
 
 
 def provider_fn(name: str, x=None, W=None, b=None, k=None):
@@ -103,6 +108,9 @@ def main(argv=None):
         W = (torch.randn(M, d, device="cuda") * d**-0.5).to(torch.bfloat16).requires_grad_()
         b = torch.zeros(M, device="cuda", dtype=torch.bfloat16).requires_grad_()
         gemm_flops = 2 * N * M * d
+        # Bytes: the op's floor per mode (the same for every provider). Forward: read x and W.
+        # Backward: read x and W again, write dx, dW (dense, zeros included) and db.
+        fwd_bytes, bwd_bytes = (N * d + M * d) * 2, (2 * N * d + 2 * M * d + M) * 2
         for name in args.providers.split(","):
             try:
                 fn = provider_fn(name, x, W, b, k)
@@ -113,24 +121,30 @@ def main(argv=None):
                 if mode != "fwd" and name in FORWARD_ONLY:
                     rows.append(harness.make_row(OP, name, mode, shape, "bf16", note="forward only"))
                     continue
+                leaves = [x, W, b, *getattr(fn, "params", [])]
+                # FLOPs: the work each provider does. A dense backward is two more GEMMs; a sparse
+                # one (ours, sparsify's embedding_bag + index_add) 2·N·k·d per product
+                sparse_bwd = name.startswith("sae_fast") or name == "sparsify"
+                bwd_flops = 4 * N * k * d if sparse_bwd else 2 * gemm_flops
                 try:
                     if mode == "fwd":
                         timing = harness.bench(lambda: fn(x, W, b, k))
-                        flops = gemm_flops
+                        flops, nbytes = gemm_flops, fwd_bytes
                     else:
                         out = fn(x, W, b, k)
                         grad = torch.randn_like(out)
                         if mode == "bwd":
-                            timing = harness.bench(lambda: out.backward(grad, retain_graph=True), grad_to_none=[x, W, b])
+                            timing = harness.bench(lambda: out.backward(grad, retain_graph=True), grad_to_none=leaves)
+                            flops, nbytes = bwd_flops, bwd_bytes
                         else:
-                            timing = harness.bench(lambda: fn(x, W, b, k).backward(grad), grad_to_none=[x, W, b])
-                        # dense backward: two more GEMMs; the sparse one touches N·k·d per product
-                        sparse_bwd = name.startswith("sae_fast")
-                        flops = gemm_flops * (1 if sparse_bwd else 3) if mode == "fwd+bwd" else None
+                            timing = harness.bench(lambda: fn(x, W, b, k).backward(grad), grad_to_none=leaves)
+                            flops, nbytes = gemm_flops + bwd_flops, fwd_bytes + bwd_bytes
                     rows.append(harness.make_row(OP, name, mode, shape, "bf16", timing=timing, flops=flops,
-                                                 bytes=(N * d + M * d) * 2, peaks=peaks))
+                                                 bytes=nbytes, peaks=peaks))
                 except torch.OutOfMemoryError as e:
                     rows.append(harness.make_row(OP, name, mode, shape, "bf16", note=f"OOM: {str(e)[:60]}"))
+                except Exception as e:  # a failing provider is a row; the others still run and are written
+                    rows.append(harness.make_row(OP, name, mode, shape, "bf16", error=f"{type(e).__name__}: {e}"[:300]))
                 torch.cuda.empty_cache()
     harness.append_results(rows, args.out)
     harness.print_table(rows)

@@ -143,6 +143,25 @@ def measure_peaks(copy_bytes: int = 2 * GIB, gemm_n: int = 8192) -> dict:
     }
 
 
+def rep_for_samples(fn: Callable[[], object], rep_ms: float, *, samples: int = 10, cap_ms: float = 3000,
+                    grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> float:
+    """The ``rep`` to give ``do_bench`` so that a slow op still gets ``samples`` timed runs:
+    do_bench runs max(1, rep / estimate) times, so a 70 ms op at rep=100 was one sample (its
+    median, p20 and p80 equal). At most ``cap_ms`` of timing per row."""
+    fn()  # (compiles, autotunes: outside the estimate)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for t in grad_to_none or ():
+        t.grad = None
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    for t in grad_to_none or ():
+        t.grad = None
+    return max(rep_ms, min(samples * start.elapsed_time(end), cap_ms))
+
+
 def bench(fn: Callable[[], object], *, rep_ms: int = 100, warmup_ms: int = 25,
           grad_to_none: Optional[Sequence[torch.Tensor]] = None) -> dict:
     """Median / p20 / p80 ms of ``fn`` and its peak memory above what was allocated before.
@@ -152,7 +171,8 @@ def bench(fn: Callable[[], object], *, rep_ms: int = 100, warmup_ms: int = 25,
     require_cuda()
     from triton.testing import do_bench
 
-    median, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+    rep = rep_for_samples(fn, rep_ms, grad_to_none=grad_to_none)
+    median, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep, grad_to_none=grad_to_none,
                                 quantiles=[0.5, 0.2, 0.8])
     # Peak memory of one call, measured after warm-up so one-off autotuning buffers stay out.
     for t in grad_to_none or ():
@@ -206,7 +226,7 @@ def make_row(op: str, provider: str, mode: str, shape: dict, dtype: str, *,
              timing: Optional[dict] = None, bytes: Optional[int] = None,
              flops: Optional[int] = None, peaks: Optional[dict] = None, **fields) -> Row:
     """Build a row and derive the rate columns from the timing and the measured peaks."""
-    extra = fields.pop("extra", {})
+    extra = dict(fields.pop("extra", {}))  # a copy: callers reuse one dict across their rows
     row = Row(op=op, provider=provider, mode=mode, shape=dict(shape), dtype=dtype,
               bytes=bytes, flops=flops, extra=extra, **fields)
     row.device = {**device_info(), **(peaks or {})}
