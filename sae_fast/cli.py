@@ -275,15 +275,20 @@ def _train_run(args, opts, env) -> int:
         if data_path:
             print("sae-fast train: give --data or --model, not both", file=sys.stderr)
             return 2
+        error = None
         if main:
             try:
                 data_path = _model_activations(args, out)
             except (OSError, ValueError) as e:
-                print(f"sae-fast train: {e}", file=sys.stderr)
-                return 2
-        if env is not None:  # the other ranks wait for rank 0's shards
-            torch.distributed.barrier()
-            data_path = out / "activations"
+                error = str(e)
+        if env is not None:  # the other ranks wait for rank 0's shards, or its error (then all stop)
+            box = [error]
+            torch.distributed.broadcast_object_list(box, src=0)
+            error, data_path = box[0], out / "activations"
+        if error is not None:
+            if main:
+                print(f"sae-fast train: {error}", file=sys.stderr)
+            return 2
     if not data_path:
         print("sae-fast train: --data PATH (a .npy / .safetensors file or a folder of them) or --model is required",
               file=sys.stderr)

@@ -472,6 +472,20 @@ def test_latent_parallel_topk_matches_one_sae(tmp_path):
     assert "k=5 exceeds the smallest shard (4 latents of 9 over 2 ranks)" in report["big_k"]
 
 
+def test_cli_model_error_on_rank_0_stops_every_rank(tmp_path):
+    """Rank 0 computes the --model activations; when it cannot (here: no such model folder)
+    every rank stops with its error, cleanly (the others waited at a barrier that did not
+    match what rank 0 did next)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "sae_fast.cli", "train", "--model", str(tmp_path / "nope"), "--device", "cpu",
+                           "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert proc.stderr.count("not 'smollm2' nor a local Hugging Face model folder") == 1, proc.stderr[-3000:]
+    # rank 1 used to pass the barrier rank 0's teardown reached, miss the shards and crash
+    assert "[rank1]" not in proc.stderr and "[rank0]" not in proc.stderr, proc.stderr[-3000:]  # no rank traceback
+
+
 def test_cli_help_documents_torchrun(capsys):
     from sae_fast import cli
 
