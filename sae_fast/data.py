@@ -163,8 +163,9 @@ class _BufferedSource:
     def next_batch(self, batch_size: int):
         if batch_size > len(self):
             raise ValueError(f"{len(self)} activations are fewer than one batch of {batch_size}")
-        if batch_size > self._max_buffer_rows():
-            raise ValueError(f"no buffer can hold a batch of {batch_size} rows (at most {self._max_buffer_rows()}); "
+        largest = self._max_buffer_rows()
+        if batch_size > largest:
+            raise ValueError(f"no buffer can hold a batch of {batch_size} rows (at most {largest}); "
                              "raise the buffer size or use a smaller batch")
         groups = self._num_groups()
         # which chunks share a buffer changes every epoch: a batch near the largest buffer may
@@ -202,6 +203,7 @@ class ShardedActivations(_BufferedSource):
         self.chunks = [(i, s0) for i, s in enumerate(self.shards) for s0 in range(0, s.rows, chunk_rows)]
         if not self.chunks:
             raise ValueError(f"activations: {path} holds no rows (every file is [0, d])")
+        self._largest_buffer = None
 
     def __len__(self):
         return sum(s.rows for s in self.shards)
@@ -211,8 +213,10 @@ class ShardedActivations(_BufferedSource):
         return self.chunk_rows * self.chunks_per_buffer
 
     def _max_buffer_rows(self) -> int:
-        sizes = sorted((min(self.chunk_rows, self.shards[i].rows - s0) for i, s0 in self.chunks), reverse=True)
-        return sum(sizes[:self.chunks_per_buffer])
+        if self._largest_buffer is None:  # once: next_batch asks every step, the layout is fixed
+            sizes = sorted((min(self.chunk_rows, self.shards[i].rows - s0) for i, s0 in self.chunks), reverse=True)
+            self._largest_buffer = sum(sizes[:self.chunks_per_buffer])
+        return self._largest_buffer
 
     def sample_for_init(self, rows: int = 65536) -> torch.Tensor:
         out, have = [], 0
