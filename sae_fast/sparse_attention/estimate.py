@@ -114,7 +114,8 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[f
     The last ``L = min(last_q, T)`` queries are scored against every key (``scale`` default
     ``D**-0.5``), causally masked inside the final ``L x L`` square, softmaxed per row. Column j's
     score is the sum of its probabilities over the L rows; diagonal o's score is the sum over
-    rows i of ``p[i, i - o]`` (key ``i - o``, so o = 0 is the main diagonal)."""
+    rows i of ``p[i, i - o]`` (key ``i - o``, so o = 0 is the main diagonal). A probe row with a
+    non-finite logit (NaN or inf in its query or in a key it sees) contributes nothing."""
     _check_qk(q, k, "vertical_slash_scores")
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
@@ -146,7 +147,11 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[f
         h0, h1 = c0 * G, c1 * G
         s = _grouped_scores(q_last[:, h0:h1], k[:, c0:c1]) * post_scale
         s = s.masked_fill(~causal, float("-inf"))
-        p = torch.softmax(s, dim=-1)  # [B, h, L, T]
+        # A probe row with a NaN or inf logit (a non-finite query, or a non-finite key it sees)
+        # softmaxes to NaN everywhere; it contributes nothing, so the finite rows still rank and
+        # no NaN sum outranks the forced entries (topk puts NaN above everything: the sinks and
+        # the main diagonal were dropped and rows saw no key)
+        p = torch.softmax(s, dim=-1).nan_to_num_(nan=0.0)  # [B, h, L, T]
         col[:, h0:h1] = p.sum(2)
         d = torch.gather(p, 3, diag_key.expand(p.shape))
         dia[:, h0:h1] = (d * diag_ok).sum(2)
@@ -216,7 +221,8 @@ def block_sparse_index(q: torch.Tensor, k: torch.Tensor, top_blocks: Budget, *, 
     (a key block is causal when its first key is at or before the query block's last row),
     always including the diagonal blocks (those holding one of the block's own rows; with
     ``block_m > block_n`` there are several, and they are kept even beyond the budget, so
-    every row sees itself).
+    every row sees itself). A NaN or -inf block score ranks below every finite one, +inf above
+    them (both below the diagonal blocks).
 
     Returns the index with aligned ranges ``kb * block_n`` in ascending order and no columns.
     The kernel's causal mask trims the diagonal blocks row by row."""
@@ -239,6 +245,12 @@ def block_sparse_index(q: torch.Tensor, k: torch.Tensor, top_blocks: Budget, *, 
 
     qp, kp = pool(q, block_m, nqb), pool(k, block_n, nkb)
     scores = _grouped_scores(qp, kp)  # [B, Hq, nqb, nkb] fp32
+    # Non-finite scores (NaN or inf in a pooled block): NaN and -inf rank below every finite
+    # score, +inf above them, all below the diagonal's marker and above the non-causal blocks.
+    # Left as they were, NaN (which topk puts first) and +inf (tied with the marker) pushed the
+    # diagonal block out of a small budget.
+    big = torch.finfo(scores.dtype).max
+    scores = scores.nan_to_num(nan=-big, posinf=big, neginf=-big)
     m0 = torch.arange(nqb, device=dev) * block_m
     last = torch.clamp(m0 + block_m, max=T) - 1  # last row of each query block
     k0 = torch.arange(nkb, device=dev) * block_n
