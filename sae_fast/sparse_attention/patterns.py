@@ -78,6 +78,9 @@ class HeadPattern:
                 raise TypeError(f"HeadPattern({self.kind}): {name} must be an int, got {value!r}")
         if isinstance(self.score, bool) or not isinstance(self.score, (int, float)):
             raise TypeError(f"HeadPattern({self.kind}): score must be a number, got {self.score!r}")
+        if isinstance(self.score, float) and not math.isfinite(self.score):
+            # MInference's JSON has no NaN/inf: save() would write a file load() refuses
+            raise ValueError(f"HeadPattern({self.kind}): score must be finite, got {self.score!r}")
         v, s = self.vertical_size, self.slash_size
         # Every pattern keeps the diagonal, so every query row sees at least itself: a row
         # that sees nothing would silently output zeros.
@@ -268,11 +271,15 @@ class SparseAttentionConfig:
             if not isinstance(layer, dict):
                 raise ValueError(f"{source}: layer {i} must be an object mapping head index to "
                                  f"[pattern, vertical_size, slash_size, score], got {type(layer).__name__}")
-            heads = {}
+            heads, keys = {}, {}
             for key, entry in layer.items():
-                if not isinstance(key, str) or not key.isdigit():
+                if not isinstance(key, str) or not key.isascii() or not key.isdigit():
                     raise ValueError(f"{source}: layer {i}: head keys must be decimal strings, got {key!r}")
-                heads[int(key)] = HeadPattern.from_json(entry, f"{source}: layer {i}, head {key!r}")
+                h = int(key)
+                if h in keys:  # "1" and "01": one head listed twice, one entry silently lost
+                    raise ValueError(f"{source}: layer {i} lists head {h} twice ({keys[h]!r} and {key!r})")
+                keys[h] = key
+                heads[h] = HeadPattern.from_json(entry, f"{source}: layer {i}, head {key!r}")
             if sorted(heads) != list(range(len(heads))) or not heads:
                 raise ValueError(f"{source}: layer {i} must list heads 0..H-1 exactly once, got {sorted(heads)}")
             layers.append([heads[h] for h in range(len(heads))])
