@@ -130,6 +130,7 @@ def search_patterns(model, input_ids: torch.Tensor, candidates: Optional[Sequenc
     if original not in ("sdpa", "eager"):
         raise ValueError(f"search_patterns: attention implementation {original!r}; use 'sdpa' or 'eager'")
     scores = torch.full((n_layers, n_heads, len(candidates)), float("nan"))
+    called = set()
     fallback = {}
 
     def make_hook(layer):
@@ -152,6 +153,7 @@ def search_patterns(model, input_ids: torch.Tensor, candidates: Optional[Sequenc
             kept = attention_mass_kept(query, key, idx, scale=scale, block_m=block_m, block_n=block_n,
                                        rows_per_chunk=rows_per_chunk)
             scores[layer] = kept.T.cpu()
+            called.add(layer)
             fn = fallback.get(type(module)) or fallback.setdefault(type(module), original_attention(module, original))
             return fn(module, query, key, value, attention_mask, **kwargs)
 
@@ -167,9 +169,16 @@ def search_patterns(model, input_ids: torch.Tensor, candidates: Optional[Sequenc
         for m in modules:
             _HOOKS.pop(id(m), None)
         _set_impl(model, original)
-    if torch.isnan(scores).any():
-        missing = sorted({int(i) for i in torch.isnan(scores).any(-1).any(-1).nonzero().flatten()})
+    missing = [i for i in range(n_layers) if i not in called]
+    if missing:
         raise RuntimeError(f"search_patterns: layers {missing} were never called through the attention interface")
+    if not torch.isfinite(scores).all():
+        # the dense attention itself is not finite there (NaN/inf in q or k): no pattern can be
+        # judged, and the choice would be an accident of NaN ordering
+        layer, head = (int(x) for x in (~torch.isfinite(scores)).any(-1).nonzero()[0])
+        raise ValueError(f"search_patterns: layer {layer} head {head}: the dense attention probabilities are not "
+                         "finite (NaN or inf in its queries or keys; a 16-bit model overflowing on this sample?), "
+                         "so no candidate can be scored")
     best = scores.argmax(-1)  # first maximum on ties
     layers = [[candidates[int(best[i, h])].with_score(float(scores[i, h, best[i, h]])) for h in range(n_heads)]
               for i in range(n_layers)]
