@@ -216,3 +216,30 @@ def test_every_builder_satisfies_the_index_contract(T, bm, bn, last_q):
     _check_contract(build_layer_index(q, k, pats, block_m=bm, block_n=bn, last_q=last_q), 2, 6, T, bm, bn, "mixed")
     for p in pats:
         _check_contract(build_layer_index(q, k, [p] * 6, block_m=bm, block_n=bn, last_q=last_q), 2, 6, T, bm, bn, p)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def test_estimates_keep_no_autograd_graph_in_a_grad_enabled_prefill():
+    """A prefill with grad enabled (a plain ``model(ids)``) handed the estimates q and k that
+    require grad: the probe's softmax outputs of every kv-head chunk were saved for a backward
+    that never comes (the indices are integers), so all chunks' [B, h, L, T] buffers stayed
+    alive together and the chunk bound on them did not hold."""
+    q, k = _qk(1, 6, 2, 150, seed=6)
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    pats = [HeadPattern.vertical_slash(5, 7), HeadPattern.block_sparse(1), HeadPattern.a_shape(3, 9)] * 2
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        index = build_layer_index(q, k, pats)
+        col, dia = vertical_slash_scores(q, k)
+    assert saved == []
+    assert col.grad_fn is None and dia.grad_fn is None and not col.requires_grad
+    want = build_layer_index(q.detach(), k.detach(), pats)
+    assert all(torch.equal(a, b) for a, b in zip(index, want))

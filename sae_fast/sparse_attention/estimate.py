@@ -12,6 +12,10 @@ repeated), all heads of a layer are processed at once (no Python loop over heads
 whose heads use different patterns gets one set of index tensors, each kind's lists padded to
 the widest.
 
+The estimates run without autograd (their results are integer indices): under a grad-enabled
+prefill the probe's per-chunk buffers would otherwise all stay referenced by the graph, and
+the chunk bound on them would not hold.
+
 Budgets larger than the sequence are clipped; a budget covering the whole sequence selects
 every causal key, so the result equals dense causal attention up to float rounding.
 
@@ -106,6 +110,7 @@ def _grouped_scores(q_rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return s.float().view(B, Hq, R, S)
 
 
+@torch.no_grad()
 def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = None,
                           last_q: int = LAST_Q) -> Tuple[torch.Tensor, torch.Tensor]:
     """MInference's probe, without the forced entries: ``(column_scores, diagonal_scores)``,
@@ -213,6 +218,7 @@ def vertical_slash_layer_index(q, k, vertical_size: Budget, slash_size: Budget, 
                                 check_seq_lens=False)
 
 
+@torch.no_grad()
 def block_sparse_index(q: torch.Tensor, k: torch.Tensor, top_blocks: Budget, *, block_m: int = 64,
                        block_n: int = 64) -> Index:
     """Block-sparse estimate: mean-pool each ``block_m`` rows of q and ``block_n`` rows of k (a
