@@ -47,8 +47,85 @@ def _convert_vertical_slash_index_cpu(vertical_idx, slash_idx, seq_lens, context
     return _ref_index.vertical_slash_index(vertical_idx, slash_idx, seq_lens, context_len, block_m, block_n)
 
 
-torch.library.impl("sae_fast::csr_gather_sum", "CPU")(_ref.csr_gather_sum)
-torch.library.impl("sae_fast::gathered_dot", "CPU")(_ref.gathered_dot)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _require(ok, exc, op, message):
+    if not ok:
+        raise exc(f"{op}: {message}")
+
+
+def _check_csr_gather_sum(coef, col, row_offsets, num_rows, src, bias):
+    """The argument checks of csr_gather_sum_cuda (csrc/sparse_gather.cu), device aside: the
+    CPU kernel stands in for the CUDA one in tests, so it must refuse what the CUDA kernel
+    refuses (the bare reference dropped entries of an uneven split, returned num_rows - 1
+    rows for a short row_offsets, and took any dtype)."""
+    op = "csr_gather_sum"
+    _require(src.dim() == 2, ValueError, op, f"src must be 2-D [S, d], got shape {tuple(src.shape)}")
+    _require(src.dtype in _KERNEL_DTYPES, TypeError, op, f"src must be float32, float16 or bfloat16, got {src.dtype}")
+    _require(coef.dim() == 1, ValueError, op, f"coef must be 1-D [E], got shape {tuple(coef.shape)}")
+    _require(coef.dtype == src.dtype, TypeError, op, f"coef must have src's dtype {src.dtype}, got {coef.dtype}")
+    _require(col.dim() == 1, ValueError, op, f"col must be 1-D [E], got shape {tuple(col.shape)}")
+    _require(col.dtype in _INDEX_DTYPES, TypeError, op, f"col must be int32 or int64, got {col.dtype}")
+    _require(
+        col.numel() == coef.numel(), ValueError, op,
+        f"col and coef must have the same length, got {col.numel()} and {coef.numel()}",
+    )
+    _require(num_rows >= 0, ValueError, op, f"num_rows must be >= 0, got {num_rows}")
+    entries = coef.numel()
+    if row_offsets is not None:
+        _require(
+            row_offsets.dim() == 1 and row_offsets.shape[0] == num_rows + 1, ValueError, op,
+            f"row_offsets must have shape [num_rows + 1] = [{num_rows + 1}], got {tuple(row_offsets.shape)}",
+        )
+        _require(row_offsets.dtype == torch.int64, TypeError, op, f"row_offsets must be int64, got {row_offsets.dtype}")
+    else:
+        _require(
+            entries % num_rows == 0 if num_rows > 0 else entries == 0, ValueError, op,
+            f"without row_offsets the {entries} entries must split evenly into num_rows = {num_rows} rows",
+        )
+    if bias is not None:
+        _require(
+            bias.dim() == 1 and bias.shape[0] == src.shape[1], ValueError, op,
+            f"bias must have shape [d] = [{src.shape[1]}], got {tuple(bias.shape)}",
+        )
+        _require(bias.dtype == src.dtype, TypeError, op, f"bias must have src's dtype {src.dtype}, got {bias.dtype}")
+    _require(entries == 0 or src.shape[0] > 0, ValueError, op, f"src has no rows but {entries} entries index it")
+
+
+def _check_gathered_dot(grad, col, src):
+    """The argument checks of gathered_dot_cuda, device aside (see _check_csr_gather_sum)."""
+    op = "gathered_dot"
+    _require(grad.dim() == 2, ValueError, op, f"grad must be 2-D [N, d], got shape {tuple(grad.shape)}")
+    _require(grad.dtype in _KERNEL_DTYPES, TypeError, op, f"grad must be float32, float16 or bfloat16, got {grad.dtype}")
+    _require(src.dim() == 2, ValueError, op, f"src must be 2-D [S, d], got shape {tuple(src.shape)}")
+    _require(src.dtype == grad.dtype, TypeError, op, f"src must have grad's dtype {grad.dtype}, got {src.dtype}")
+    _require(
+        src.shape[1] == grad.shape[1], ValueError, op,
+        f"src [S, d] and grad [N, d] must share d, got src {tuple(src.shape)} and grad {tuple(grad.shape)}",
+    )
+    _require(col.dim() == 2, ValueError, op, f"col must be 2-D [N, k], got shape {tuple(col.shape)}")
+    _require(col.dtype in _INDEX_DTYPES, TypeError, op, f"col must be int32 or int64, got {col.dtype}")
+    _require(
+        col.shape[0] == grad.shape[0], ValueError, op,
+        f"col [N, k] and grad [N, d] must share N, got col {tuple(col.shape)} and grad {tuple(grad.shape)}",
+    )
+    _require(col.numel() == 0 or src.shape[0] > 0, ValueError, op, "src has no rows but col indexes it")
+
+
+def _csr_gather_sum_cpu(coef, col, row_offsets, num_rows, src, bias):
+    _check_csr_gather_sum(coef, col, row_offsets, num_rows, src, bias)
+    return _ref.csr_gather_sum(coef, col, row_offsets, num_rows, src, bias)
+
+
+def _gathered_dot_cpu(grad, col, src):
+    _check_gathered_dot(grad, col, src)
+    return _ref.gathered_dot(grad, col, src)
+
+
+torch.library.impl("sae_fast::csr_gather_sum", "CPU")(_csr_gather_sum_cpu)
+torch.library.impl("sae_fast::gathered_dot", "CPU")(_gathered_dot_cpu)
 if HAS_VERTICAL_SLASH_INDEX:
     torch.library.register_fake("sae_fast::convert_vertical_slash_index")(_convert_vertical_slash_index_fake)
     torch.library.impl("sae_fast::convert_vertical_slash_index", "CPU")(_convert_vertical_slash_index_cpu)
