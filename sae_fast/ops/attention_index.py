@@ -66,8 +66,9 @@ the CUDA kernel when the extension is built, everything else to the reference. T
 Triton kernel: ``"triton"`` and ``"fastest"`` choose like ``"auto"``.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: until pytorch/pytorch#145667 (torch 2.7)
+# custom_op inferred the schema by eval()-ing string annotations in torch's own namespace,
+# where ``Tuple`` is undefined ("Unsupported type annotation Tuple[...]" at import on torch 2.5).
 import os
 from typing import Optional, Tuple
 
