@@ -293,7 +293,8 @@ def batchtopk_encode(
     use_aux = k_aux > 0  # (implies a dead mask and training mode, checked above)
     values, indices, row_offsets, thr, aux_pre, aux_indices = batchtopk_encode_op(
         x, W_enc, b_enc, b_dec, threshold, float(k), resolved, dead_mask if use_aux else None, k_aux if use_aux else 0)
-    codes = BatchTopKCodes(values, indices.to(index_dtype), row_offsets, thr)
+    # Built in one call, not with NamedTuple._replace: torch 2.5's dynamo cannot trace _replace
+    # ("inline in skipfiles: ..._replace"), which broke torch.compile(fullgraph=True) with AuxK.
     if use_aux:
-        codes = codes._replace(aux_values=aux_pre, aux_indices=aux_indices.to(index_dtype))
-    return codes
+        return BatchTopKCodes(values, indices.to(index_dtype), row_offsets, thr, aux_pre, aux_indices.to(index_dtype))
+    return BatchTopKCodes(values, indices.to(index_dtype), row_offsets, thr)

@@ -171,7 +171,8 @@ def topk_encode(
     pre, indices, aux_pre, aux_indices = topk_encode_op(
         x, W_enc, b_enc, b_dec, dead_mask if k_aux > 0 else None, k, k_aux if dead_mask is not None else 0, resolved
     )
-    codes = TopKCodes(torch.relu(pre), indices.to(index_dtype))
+    # Built in one call, not with NamedTuple._replace: torch 2.5's dynamo cannot trace _replace
+    # ("inline in skipfiles: ..._replace"), which broke torch.compile(fullgraph=True) with AuxK.
     if k_aux > 0:
-        codes = codes._replace(aux_values=aux_pre, aux_indices=aux_indices.to(index_dtype))
-    return codes
+        return TopKCodes(torch.relu(pre), indices.to(index_dtype), aux_pre, aux_indices.to(index_dtype))
+    return TopKCodes(torch.relu(pre), indices.to(index_dtype))
