@@ -603,6 +603,31 @@ def _flex():
     return fa
 
 
+def _create_block_mask(fa, mask_mod, B, H, T, S, device, block):
+    """``create_block_mask`` with ``BLOCK_SIZE=block``. torch < 2.6 (no ``seq_lengths``)
+    records BLOCK_SIZE 128 whatever it used and takes one query block below 128 rows, so
+    there the same mask is built from the dense mask_mod with ``BlockMask.from_kv_blocks``."""
+    bm = fa.create_block_mask(mask_mod, B, H, T, S, device=device, BLOCK_SIZE=block)
+    if hasattr(bm, "seq_lengths"):
+        return bm
+    nqb, nkb = -(-T // block), -(-S // block)
+    ar = lambda n: torch.arange(n, device=device)  # noqa: E731
+    dense = mask_mod(ar(B or 1).view(-1, 1, 1, 1), ar(H or 1).view(1, -1, 1, 1), ar(T).view(1, 1, -1, 1),
+                     ar(S).view(1, 1, 1, -1)).expand(B or 1, H or 1, T, S)
+    padded = torch.zeros(B or 1, H or 1, nqb * block, nkb * block, dtype=torch.bool, device=device)
+    inb = torch.zeros_like(padded[0, 0])
+    padded[..., :T, :S], inb[:T, :S] = dense, True
+    blocks = padded.view(B or 1, H or 1, nqb, block, nkb, block)
+    any_kept = blocks.any(5).any(3)
+    full = (blocks | ~inb.view(nqb, block, nkb, block)).all(5).all(3) & any_kept
+
+    def ordered(m):
+        return m.sum(-1).to(torch.int32), torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+
+    return fa.BlockMask.from_kv_blocks(*ordered(any_kept & ~full), *ordered(full), BLOCK_SIZE=block,
+                                       mask_mod=mask_mod)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_block_mask_matches_flex_attention(backend, device):
@@ -624,7 +649,7 @@ def test_block_mask_matches_flex_attention(backend, device):
         return blocks(b, h, qi, ki) & (qi >= ki)
 
     for mod, H in ((causal, None), (blocks, Hq), (blocks_causal, Hq)):
-        bm = fa.create_block_mask(mod, None, H, T, T, device=device, BLOCK_SIZE=64)
+        bm = _create_block_mask(fa, mod, None, H, T, T, device, 64)
         out, lse = block_mask_attention(q, k, v, bm, backend=backend)
         want = fa.flex_attention(q.detach(), k.detach(), v.detach(), block_mask=bm, enable_gqa=True)
         assert rel_err(out, want) < 2e-6, mod.__name__
@@ -646,7 +671,7 @@ def test_block_mask_shared_over_batch_and_heads_evaluates_each(backend, device):
         own = qi // 16 == ki // 16
         return (qi >= ki) & ~((b == 1) & own & (qi // 16 == 3)) & ~((h == 1) & own & (qi // 16 == 2))
 
-    bm = fa.create_block_mask(causal_with_holes, None, None, T, T, device=device, BLOCK_SIZE=16)
+    bm = _create_block_mask(fa, causal_with_holes, None, None, T, T, device, 16)
     out, lse = block_mask_attention(q, k, v, bm, backend=backend)
     want = fa.flex_attention(q.detach(), k.detach(), v.detach(), block_mask=bm, enable_gqa=True)
     assert rel_err(out, want) < 2e-6
@@ -667,7 +692,7 @@ def test_block_mask_sink_tokens_become_columns(backend, device):
     def sink_local(b, h, qi, ki):
         return ((ki < 4) | (qi // 16 == ki // 16)) & (qi >= ki)
 
-    bm = fa.create_block_mask(sink_local, None, None, T, T, device=device, BLOCK_SIZE=16)
+    bm = _create_block_mask(fa, sink_local, None, None, T, T, device, 16)
     bc, bo, cc, ci, is_causal, _, _ = ops.block_mask_to_index(bm, B, Hq, T, T)
     assert is_causal and cc[0, 0].tolist() == [0] + [4] * 4 and ci[0, 0, 1].tolist() == [0, 1, 2, 3]
     out, lse = block_mask_attention(q, k, v, bm, backend=backend)
@@ -692,12 +717,45 @@ def test_block_mask_rejects_row_dependent_partial_blocks():
     def window(b, h, qi, ki):  # a 10-token window: partial blocks that are not the diagonal
         return (qi >= ki) & (qi - ki < 10)
 
-    bm = fa.create_block_mask(window, None, None, T, T, device="cpu", BLOCK_SIZE=32)
+    bm = _create_block_mask(fa, window, None, None, T, T, "cpu", 32)
     q = torch.randn(1, 1, T, 16)
     with pytest.raises(ValueError, match="neither full, empty, the causal diagonal nor the same keys"):
         block_mask_attention(q, q, q, bm)
-    with pytest.raises(ValueError, match="Q_LEN, KV_LEN"):
+    # torch < 2.6 masks carry no lengths: there the block grid is what disagrees
+    with pytest.raises(ValueError, match="Q_LEN, KV_LEN" if hasattr(bm, "seq_lengths") else "query blocks"):
         block_mask_attention(q[:, :, :50], q, q, bm)
+
+
+class _MaskWithoutLengths:
+    """A BlockMask as torch < 2.6 hands it over: no seq_lengths, BLOCK_SIZE as recorded."""
+
+    def __init__(self, bm, block_size):
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "mask_mod"):
+            setattr(self, name, getattr(bm, name))
+        self.BLOCK_SIZE = block_size
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_block_mask_without_lengths_needs_its_real_block_size():
+    """torch < 2.6: create_block_mask(BLOCK_SIZE=(128, 32)) at T = 100 used 32-key blocks but
+    records (128, 128) and no lengths. Read as 128-key blocks it would attend to keys the mask
+    drops, silently: refused. With the block size it used, the result is exact."""
+    fa = _flex()
+    B, H, T, D = 1, 2, 100, 16
+    q, k, v = qkv(B, H, H, T, T, D)
+
+    def even_blocks(b, h, qi, ki):  # keys 0-31 and 64-95: read as 128-key blocks, all of them
+        return (ki // 32) % 2 == 0
+
+    bm = fa.create_block_mask(even_blocks, None, None, T, T, device="cpu", BLOCK_SIZE=(128, 32))
+    as_recorded = bm if not hasattr(bm, "seq_lengths") else _MaskWithoutLengths(bm, (128, 128))
+    with pytest.raises(ValueError, match=r"4 kv blocks per row, expected cdiv\(100, 128\).*torch < 2.6"):
+        block_mask_attention(q, k, v, as_recorded)
+    out, _ = block_mask_attention(q, k, v, _MaskWithoutLengths(bm, (128, 32)))
+    mask = even_blocks(0, 0, torch.arange(T)[:, None], torch.arange(T)[None, :])
+    want = torch.softmax((q.double() @ k.double().transpose(-1, -2) * D ** -0.5).masked_fill(~mask, -float("inf")),
+                         -1) @ v.double()
+    assert rel_err(out, want) < 1e-5
 
 
 # ------------------------------------------------------------------------------------ GPU tier

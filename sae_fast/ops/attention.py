@@ -273,6 +273,11 @@ def block_mask_to_index(block_mask, B: int, H: int, T: int, S: int, *, chunk: in
     ValueError. When causal blocks occur, the kernel runs with ``causal=True`` and every
     other kept block must lie at or below the diagonal.
 
+    On torch < 2.6 a BlockMask carries no sequence lengths and ``create_block_mask`` records
+    ``BLOCK_SIZE`` 128 whatever block it used: a mask whose kv_indices are not
+    ``cdiv(S, BLOCK_SIZE[1])`` wide is refused there (build it with ``BLOCK_SIZE=128`` or
+    with ``BlockMask.from_kv_blocks``).
+
     Returns ``(block_count, block_offset, column_count, column_index, causal, block_m,
     block_n)``, index tensors int32 ``[B, H, NQB, ...]``. Reads the mask on the
     host side (device syncs): convert once, reuse the index.
@@ -297,6 +302,14 @@ def block_mask_to_index(block_mask, B: int, H: int, T: int, S: int, *, chunk: in
         raise ValueError(f"block_mask_attention: block_mask has {nqb} query blocks, expected cdiv({T}, {bq})")
     dev = num.device
     nk = idx.shape[-1]
+    if lengths is None and nk != -(-S // bk):
+        # torch < 2.6's create_block_mask records BLOCK_SIZE 128 whatever block it used (and
+        # one query block of Q_LEN rows below 128): the only trace of the real kv block is the
+        # width of kv_indices, which it always builds as cdiv(KV_LEN, kv block).
+        raise ValueError(f"block_mask_attention: block_mask has {nk} kv blocks per row, expected cdiv({S}, {bk}); "
+                         "it does not record its sequence lengths (torch < 2.6), whose create_block_mask records "
+                         "BLOCK_SIZE 128 whatever it used: build the mask with BLOCK_SIZE=128, or with "
+                         "BlockMask.from_kv_blocks(..., BLOCK_SIZE=...) and cdiv(S, BLOCK_SIZE[1]) wide indices")
     mask_mod = block_mask.mask_mod
     if mask_mod is not None and (Bm, Hm) != (B, H):
         # A mask shared over batch or heads (B or H None in create_block_mask) shares its block
