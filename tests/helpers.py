@@ -4,12 +4,23 @@ Tolerances (shared DESIGN): fp32 against an fp64 reference tightly; fp16/bf16 at
 the error that plain torch makes on the same computation in that dtype, both measured
 against the fp64 reference (relative Frobenius error)."""
 
+import contextlib
 import os
 
 import pytest
 import torch
 
 FP32_RTOL = 2e-6
+
+
+def fullgraph_dynamic_sizes():
+    """Context for ``torch.compile(fullgraph=True)`` of ops whose output size depends on the
+    data (BatchTopK's kept entries, JumpReLU's select): torch >= 2.10 turns
+    ``capture_dynamic_output_shape_ops`` on for fullgraph itself (pytorch#163123); older
+    torch needs it set, as users of those versions must (see README)."""
+    if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 10):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
 
 
 def backend_params():

@@ -177,6 +177,16 @@ def test_compile_fullgraph_forward_backward(backend, device):
         torch.testing.assert_close(b.grad, a.grad)
 
 
+def _inductor_cannot_use_installed_triton():
+    """torch 2.5's inductor imports names triton >= 3.2 removed (torch 2.5 pins triton 3.1):
+    with a newer triton beside it (possible with CPU torch wheels) inductor fails upstream."""
+    triton = pytest.importorskip("triton")
+    version = lambda s: tuple(int(p) for p in s.split("+")[0].split(".")[:2])  # noqa: E731
+    return version(torch.__version__) < (2, 6) and version(triton.__version__) >= (3, 2)
+
+
+@pytest.mark.skipif("_inductor_cannot_use_installed_triton()",
+                    reason="torch < 2.6's inductor does not work with triton >= 3.2 (upstream)")
 def test_compile_default_backend_inductor_cpu():
     values, indices, W_dec, bias = make_inputs(6, 4, 9, 13, torch.float32, "cpu")
     fn = torch.compile(lambda v, w: sae_fast.sparse_decode(v, indices, w, bias).relu().sum(), fullgraph=True)
