@@ -193,7 +193,9 @@ def estimate_vertical_slash(q: torch.Tensor, k: torch.Tensor, vertical_size: Bud
     Returns ``(vertical_idx [B, Hq, NV], slash_idx [B, Hq, NS])`` int64, best first, -1 padding
     past each head's budget (``NV = min(max budget, T)``): the input of
     ``sae_fast.vertical_slash_index``. Budgets are clipped to T; with ``slash_size >= T`` every
-    diagonal is chosen, i.e. dense causal attention."""
+    diagonal is chosen, i.e. dense causal attention. Budgets below the forced counts are not
+    raised (MInference raises them to 30 columns / 50 diagonals): the forced entries rank
+    first, nearest first, and a budget keeps that many of them."""
     _check_qk(q, k, "estimate_vertical_slash")
     Hq, T = q.shape[1], q.shape[2]
     vb = _per_head(vertical_size, Hq, "estimate_vertical_slash", "vertical_size")
