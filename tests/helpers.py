@@ -13,12 +13,17 @@ import torch
 FP32_RTOL = 2e-6
 
 
+def major_minor(version: str) -> tuple:
+    """``"2.14.1+cu130"`` -> ``(2, 14)``: for gating tests on torch / triton versions."""
+    return tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+
+
 def fullgraph_dynamic_sizes():
     """Context for ``torch.compile(fullgraph=True)`` of ops whose output size depends on the
     data (BatchTopK's kept entries, JumpReLU's select): torch >= 2.10 turns
     ``capture_dynamic_output_shape_ops`` on for fullgraph itself (pytorch#163123); older
     torch needs it set, as users of those versions must (see README)."""
-    if tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 10):
+    if major_minor(torch.__version__) >= (2, 10):
         return contextlib.nullcontext()
     return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
 

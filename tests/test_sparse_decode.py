@@ -6,7 +6,7 @@ import torch
 
 import sae_fast
 
-from helpers import assert_close, backend_params
+from helpers import assert_close, backend_params, major_minor
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (N, k, M, d): odd sizes; k > 16 and d > 256 make the kernels loop over entry and column blocks.
@@ -180,9 +180,9 @@ def test_compile_fullgraph_forward_backward(backend, device):
 def _inductor_cannot_use_installed_triton():
     """torch 2.5's inductor imports names triton >= 3.2 removed (torch 2.5 pins triton 3.1):
     with a newer triton beside it (possible with CPU torch wheels) inductor fails upstream."""
-    triton = pytest.importorskip("triton")
-    version = lambda s: tuple(int(p) for p in s.split("+")[0].split(".")[:2])  # noqa: E731
-    return version(torch.__version__) < (2, 6) and version(triton.__version__) >= (3, 2)
+    import triton  # a dependency of the package
+
+    return major_minor(torch.__version__) < (2, 6) and major_minor(triton.__version__) >= (3, 2)
 
 
 @pytest.mark.skipif("_inductor_cannot_use_installed_triton()",
