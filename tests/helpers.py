@@ -28,6 +28,16 @@ def fullgraph_dynamic_sizes():
     return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
 
 
+def on_grid(t: torch.Tensor, step_log2: int, bound: float) -> torch.Tensor:
+    """``t`` rounded to multiples of ``2**-step_log2`` in ``[-bound, bound]``. Test inputs on
+    such grids make every dot product exact in fp32, so two kernels that tile a GEMM
+    differently must agree bit for bit under Triton's interpreter: its ``tl.dot`` is numpy's
+    matmul, whose float32 rounding depends on the tile's shape and the CPU (OpenBLAS picks
+    the kernel and blocking by both), so random data is bit-equal on some machines only."""
+    scale = 2.0 ** step_log2
+    return (t * scale).round().clamp(-bound * scale, bound * scale) / scale
+
+
 def backend_params():
     """(backend, device) pairs: one test body runs them all."""
     params = [pytest.param("reference", "cpu", id="reference-cpu")]
