@@ -186,6 +186,25 @@ def test_zero_width_decoder(backend, device):
         sae_fast.sparse_decode_csr(values.view(-1), indices.view(-1), offsets.flip(0), W_dec, backend=backend)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_jumprelu_without_latents(backend, device):
+    """M = 0 (the threshold kernel's launch divided by it): no entries, x_hat = b_dec, zero
+    gradients, as the reference computes it."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, generator=g).to(device).requires_grad_()
+    W_enc, W_dec = torch.empty(0, 4, device=device, requires_grad=True), torch.empty(0, 4, device=device)
+    theta = torch.empty(0, device=device, requires_grad=True)
+    b_dec = torch.randn(4, generator=g).to(device).requires_grad_()
+    codes = sae_fast.jumprelu_encode(x, W_enc, None, theta.detach(), backend=backend)
+    assert codes.values.numel() == codes.indices.numel() == 0 and codes.row_offsets.tolist() == [0] * 4
+    assert sae_fast.jumprelu_encode(x, W_enc, None, theta.detach(), dense=True, backend=backend).shape == (3, 0)
+    x_hat, l0 = sae_fast.jumprelu_training_forward(x, W_enc, None, theta, W_dec, b_dec, backend=backend)
+    assert torch.equal(x_hat.detach(), b_dec.detach().expand(3, 4)) and float(l0.detach()) == 0.0
+    gx, gw, gt, gb = torch.autograd.grad(x_hat.square().sum() + l0, (x, W_enc, theta, b_dec))
+    assert not gx.any() and gw.shape == (0, 4) and gt.shape == (0,)
+    torch.testing.assert_close(gb, 2 * 3 * b_dec.detach())
+
+
 def _window_past_2_31(m, d, device, g):
     """A [m, d] fp16 transposed view into a [d, 2^24] weight (SAELens keeps W_enc as [d, M] and
     the adapters pass W_enc.T): its column stride is 2^24, so (d - 1)·stride passes 2^31 at

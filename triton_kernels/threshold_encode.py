@@ -181,9 +181,9 @@ def threshold_encode(
     block_d, warps, stages: benchmarks/tune_threshold_encode.py)."""
     n = x.shape[0]
     out_dtype = x.dtype
-    if n == 0:  # before the launch heuristics, which divide by the number of row blocks
+    if n == 0 or W_enc.shape[0] == 0:  # no entries; the launch heuristics divide by both counts
         return (x.new_empty((0,)), x.new_empty((0,), dtype=torch.int64),
-                torch.zeros(1, device=x.device, dtype=torch.int64))
+                torch.zeros(n + 1, device=x.device, dtype=torch.int64))
     threshold = threshold.to(out_dtype).contiguous()
     b_enc = b_enc.contiguous() if b_enc is not None else None  # encoder_pre_tile reads it at unit stride
     x = centered_input(x, b_dec, W_enc.dtype)
